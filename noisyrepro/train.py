@@ -325,7 +325,7 @@ def fit(model: nn.Module, train: LabeledData, val: LabeledData, test: LabeledDat
     bar.close()
     return _result(tr)
 
-# %% ../nbs/04_train.ipynb #588ca36a
+# %% ../nbs/04_train.ipynb #944196a2
 @dataclass
 class NoisySplits:
     """Training and validation sets with noisy labels, the clean test set, and the noise that was applied."""
