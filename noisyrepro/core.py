@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['VALID_DEVICES', 'seed_everything', 'get_device', 'device_name', 'config_key', 'run_dir', 'atomic_write_bytes',
-           'atomic_write_text', 'read_rows', 'append_row', 'sha256_file', 'tensor_sha256', 'git_commit',
-           'package_versions', 'provenance', 'write_provenance', 'Timer', 'in_test']
+__all__ = ['VALID_DEVICES', 'seed_everything', 'get_device', 'device_name', 'config_key', 'run_dir', 'outputs_dir',
+           'atomic_write_bytes', 'atomic_write_text', 'read_rows', 'append_row', 'sha256_file', 'tensor_sha256',
+           'git_commit', 'package_versions', 'provenance', 'write_provenance', 'Timer', 'in_test']
 
 # %% ../nbs/00_core.ipynb #0f09ad7e
 def seed_everything(seed: int) -> torch.Generator:
@@ -63,7 +63,14 @@ def run_dir(out_dir: str | Path, config: dict) -> Path:
     atomic_write_text(d / "config.json", json.dumps(config, indent=1, sort_keys=True, default=str))
     return d
 
-# %% ../nbs/00_core.ipynb #e8962ead
+# %% ../nbs/00_core.ipynb #ef799ae3
+def outputs_dir(name: str, start: str | Path | None = None) -> Path:
+    """`<project root>/outputs/<name>`: the nearest folder at or above `start` (default: the working directory) holding settings.ini, else `start`."""
+    start = Path(start or Path.cwd()).resolve()
+    root = next((p for p in [start, *start.parents] if (p / "settings.ini").exists()), start)
+    return root / "outputs" / name
+
+# %% ../nbs/00_core.ipynb #7d827683
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (temporary file in the same folder, then `os.replace`)."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +87,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
-# %% ../nbs/00_core.ipynb #8abf4d26
+# %% ../nbs/00_core.ipynb #c8b3aba3
 def read_rows(path: str | Path) -> list[dict]:
     """Read a CSV written by `append_row` as a list of dicts (empty list if the file does not exist)."""
     path = Path(path)
@@ -95,7 +102,7 @@ def append_row(path: str | Path, row: dict) -> Path:
     w.writeheader(); w.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
 
-# %% ../nbs/00_core.ipynb #9cf3252c
+# %% ../nbs/00_core.ipynb #800b84d4
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """The SHA-256 hex digest of a file."""
     h = hashlib.sha256()
@@ -110,7 +117,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
     h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #04b41b56
+# %% ../nbs/00_core.ipynb #09ded651
 def git_commit(path: str | Path = ".") -> str:
     """The current git commit of the repository containing `path`, with `+dirty` if there are uncommitted changes ('' outside git)."""
     try:
@@ -120,7 +127,7 @@ def git_commit(path: str | Path = ".") -> str:
         return sha + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
     except (OSError, subprocess.SubprocessError): return ""
 
-# %% ../nbs/00_core.ipynb #8183cd4f
+# %% ../nbs/00_core.ipynb #b4210224
 def package_versions(names=("torch", "torchvision", "numpy", "pandas", "matplotlib", "noisyrepro")) -> dict:
     """Installed versions of the packages that decide a run's numbers, plus Python's."""
     from importlib.metadata import version, PackageNotFoundError
@@ -130,7 +137,7 @@ def package_versions(names=("torch", "torchvision", "numpy", "pandas", "matplotl
         except PackageNotFoundError: out[n] = None
     return out
 
-# %% ../nbs/00_core.ipynb #f8ae0770
+# %% ../nbs/00_core.ipynb #4ac8a3a0
 def provenance(params: dict, device: str | torch.device = "auto", **extra) -> dict:
     """Everything needed to say where a result came from: parameters, commit, versions, device, time, and `extra`."""
     dev = get_device(device)
@@ -144,7 +151,7 @@ def write_provenance(out_dir: str | Path, params: dict, device: str | torch.devi
     """Write `provenance(...)` to `<out_dir>/provenance.json` atomically and return the path."""
     return atomic_write_text(Path(out_dir) / "provenance.json", json.dumps(provenance(params, device, **extra), indent=1, default=str))
 
-# %% ../nbs/00_core.ipynb #be30c65b
+# %% ../nbs/00_core.ipynb #2fd6a21e
 class Timer:
     """Context manager measuring wall time in seconds (synchronising CUDA first, so GPU work is counted)."""
     def __enter__(self):
@@ -154,7 +161,7 @@ class Timer:
         if torch.cuda.is_available(): torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
 
-# %% ../nbs/00_core.ipynb #3392a5d6
+# %% ../nbs/00_core.ipynb #805fb1b4
 def in_test() -> bool:
     """True when running under `nbdev_test` (which sets IN_TEST=1), so notebooks can keep their defaults tiny."""
     return os.environ.get("IN_TEST", "") not in ("", "0")

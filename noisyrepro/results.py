@@ -17,7 +17,7 @@ except ImportError: fcntl = None  # Windows: no advisory lock, appends are still
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'ACC_COLUMNS', 'RESULT_NUMERIC', 'RESULTS_FILE', 'DEFAULT_BY', 'PAPERS', 'PAPER_COLUMNS',
            'PAPER_NUMERIC', 'record_result', 'done_keys', 'is_done', 'load_results', 'summarize', 'paper_numbers',
-           'compare', 'pivot_table', 'render_table']
+           'compare', 'pivot_table', 'render_table', 'run_experiment', 'best_state']
 
 # %% ../nbs/04b_results.ipynb #b440f21d
 RESULT_COLUMNS = ("paper", "experiment", "dataset", "noise_type", "noise", "n_train", "method", "hparams", "seed",
@@ -286,3 +286,35 @@ def render_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str,
     md = atomic_write_text(out / f"{name}.md", _markdown(full, header, rows))
     png = atomic_write_bytes(out / f"{name}.png", _png(textwrap.fill(full, 110), header, rows))
     return md, png
+
+# %% ../nbs/04b_results.ipynb #cedf28e5
+import dataclasses
+import torch
+from .core import config_key, device_name
+
+def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: str, hparams: dict | None = None, cfg=None,
+                   keep_state: bool = False, **fit_kw) -> tuple[dict, "object | None"]:
+    """Train `method` on `splits` (a `NoisySplits`) unless results.csv already has this configuration; return (row, FitResult or None)."""
+    from noisyrepro.train import TrainConfig, fit, get_method
+    cfg, hparams = cfg or TrainConfig(), dict(hparams or {})
+    plain_hp = {k: v for k, v in hparams.items() if not isinstance(v, (dict, torch.Tensor))}      # states are not hyper-parameters
+    full = {**meta, "method": method, "hparams": plain_hp, "cfg": dataclasses.asdict(cfg), "n_train": len(splits.train),
+            "noise_seed": splits.train_noise.seed, "labels_sha256": splits.train_noise.sha256}
+    key, out_dir = config_key(full), Path(out_dir)
+    run = out_dir / "runs" / key
+    if is_done(out_dir, key): return next(r for r in read_rows(out_dir / RESULTS_FILE) if r["run_key"] == key), None
+    run.mkdir(parents=True, exist_ok=True)
+    res = fit(model_fn(), splits.train, splits.val, splits.test, get_method(method, **hparams), cfg,
+              is_noisy=splits.train_noise.is_noisy, ckpt=run / "ckpt.pt", **fit_kw)
+    if keep_state: torch.save(res.best_state, run / "best.pt")
+    row = {**meta, "method": method, "hparams": plain_hp, "seed": cfg.seed, **res.row(), "n_train": len(splits.train),
+           "noise_rate": round(splits.train_noise.rate, 5), "epochs_run": res.epochs_run, "device": device_name(cfg.device), "run_key": key}
+    record_result(out_dir, row)
+    (run / "ckpt.pt").unlink(missing_ok=True)                   # the row is the record; keep disk use small
+    return row, res
+
+def best_state(out_dir: str | Path, key: str) -> dict:
+    """The best model state a finished `run_experiment(..., keep_state=True)` saved."""
+    p = Path(out_dir) / "runs" / key / "best.pt"
+    if not p.exists(): raise FileNotFoundError(f"no saved state for run {key} in {p.parent}; run it with keep_state=True")
+    return torch.load(p, weights_only=True)

@@ -152,7 +152,7 @@ class EMA:
         for k, v in sd.items():
             if not v.is_floating_point(): ema_sd[k].copy_(v)
 
-# %% ../nbs/04_train.ipynb #de0172d5
+# %% ../nbs/04_train.ipynb #bd9cdc63
 @dataclass
 class FitResult:
     """What `fit` returns: selection by best noisy-validation accuracy, the last epoch, the history and timings."""
@@ -165,15 +165,23 @@ class FitResult:
     train_seconds: float             # wall time in training steps and evaluation, excluding checkpoint I/O
     history: list[dict]              # one dict per epoch
     best_state: dict | None = None   # the evaluated model's state at best_epoch (on the CPU)
+    best_method_state: dict | None = None  # the method's state at best_epoch (e.g. LIMIT's gradient predictor q)
     diagnostics: dict | None = None  # cfg.record: per-epoch per-example 'loss' and 'p_label' (E×N float16), 'is_noisy'
     def row(self) -> dict:
         "The fields results.csv needs."
         return {k: getattr(self, k) for k in ("best_epoch", "val_acc", "test_acc", "last_test_acc", "train_seconds")}
 
-# %% ../nbs/04_train.ipynb #4176faec
+# %% ../nbs/04_train.ipynb #a1c7d6d4
 def _interactive() -> bool:
     """True in a terminal or a Jupyter kernel, False under nbdev_test and in pipes."""
     return not in_test() and ("ipykernel" in sys.modules or sys.stdout.isatty())
+
+def _to_cpu(obj):
+    """A detached CPU copy of the tensors in a nested dict/list (other values kept)."""
+    if torch.is_tensor(obj): return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict): return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 def _state_cpu(model: nn.Module) -> dict:
     """A detached CPU copy of a model's state dict."""
@@ -280,7 +288,7 @@ def _restore(tr: Trainer, ck: dict):
     tr.order_gen.set_state(ck["order_gen"]); tr.aug_gen.set_state(ck["aug_gen"]); torch.set_rng_state(ck["torch_rng"])
     if ck["cuda_rng"] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(ck["cuda_rng"])
 
-# %% ../nbs/04_train.ipynb #560643b0
+# %% ../nbs/04_train.ipynb #7db444ee
 def _result(tr: Trainer) -> FitResult:
     """The `FitResult` of a trainer's history."""
     h = tr.history[-1]
@@ -289,7 +297,7 @@ def _result(tr: Trainer) -> FitResult:
         diag = {k: torch.stack(v) for k, v in tr.diag.items()} | {"is_noisy": tr.is_noisy.cpu() if tr.is_noisy is not None else None}
     return FitResult(best_epoch=tr.best["epoch"], val_acc=tr.best["val_acc"], test_acc=tr.best["test_acc"], last_val_acc=h["val_acc"],
                      last_test_acc=h.get("test_acc", float("nan")), epochs_run=len(tr.history), train_seconds=sum(e["seconds"] for e in tr.history),
-                     history=tr.history, best_state=tr.best["state"], diagnostics=diag)
+                     history=tr.history, best_state=tr.best["state"], best_method_state=tr.best.get("method_state"), diagnostics=diag)
 
 def fit(model: nn.Module, train: LabeledData, val: LabeledData, test: LabeledData | None = None, method: Method | str | None = None,
         cfg: TrainConfig | None = None, is_noisy: torch.Tensor | None = None, ckpt: str | Path | None = None) -> FitResult:
@@ -315,7 +323,8 @@ def fit(model: nn.Module, train: LabeledData, val: LabeledData, test: LabeledDat
             if cfg.record: h |= tr.record_examples()
         h["seconds"] = t.seconds; tr.history.append(h); tr.epoch += 1
         if h["val_acc"] > tr.best["val_acc"]:
-            tr.best = {"val_acc": h["val_acc"], "epoch": tr.epoch, "test_acc": h.get("test_acc", float("nan")), "state": _state_cpu(tr.eval_model)}
+            tr.best = {"val_acc": h["val_acc"], "epoch": tr.epoch, "test_acc": h.get("test_acc", float("nan")), "state": _state_cpu(tr.eval_model),
+                       "method_state": _to_cpu(tr.method.state_dict())}
             since_best = 0
         else: since_best += 1
         stop = cfg.patience is not None and since_best >= cfg.patience
