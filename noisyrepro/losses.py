@@ -203,7 +203,7 @@ class LossMethod(Method):
 for _name, _defaults in {"MAE": {}, "LS": {"eps": 0.8}, "PHuber-CE": {"tau": 2.0}}.items():
     register_method(_name)(lambda _n=_name, _d=_defaults, **kw: LossMethod(_n, **(_d | kw)))
 
-# %% ../nbs/04a_baselines.ipynb #1d1db868
+# %% ../nbs/04a_baselines.ipynb #db9cc1d0
 @register_method("GCE")
 class GCE(Method):
     """Generalised cross-entropy $L_q$; from epoch `warmup` on, truncated at k with weights refreshed every `prune_every` epochs."""
@@ -216,7 +216,8 @@ class GCE(Method):
         if self.warmup is None: return l.mean()
         return torch.where(self.v[idx], l, torch.full_like(l, (1 - self.k ** self.q) / self.q)).mean()  # v L_q + (1−v) L_q(k)
     def end_epoch(self, tr, epoch):
-        e = epoch + 1 - (self.warmup if self.warmup is not None else 10**9)
+        if self.warmup is None: return
+        e = epoch + 1 - self.warmup                                          # epochs since the warm-up ended
         if e >= 0 and e % self.prune_every == 0:
             self.v = predict_proba(tr.model, tr.train, tr.cfg).gather(1, tr.train.y[:, None]).squeeze(1) > self.k
     def state_dict(self): return {"v": self.v}
@@ -237,7 +238,7 @@ class GradNoise(Method):
 register_method("CE+GN")(lambda **kw: GradNoise(dist="gaussian", **kw))
 register_method("CE+LN")(lambda **kw: GradNoise(dist="laplace", **kw))
 
-# %% ../nbs/04a_baselines.ipynb #ca4fa714
+# %% ../nbs/04a_baselines.ipynb #ad6d3e9a
 @register_method("FW")
 class Forward(Method):
     """Forward loss correction with a given `T`, or `T` estimated from the CE model `ce_state` (which also initialises the model)."""
@@ -254,7 +255,7 @@ class Forward(Method):
     def loss(self, tr, logits, y, idx, x): return forward_loss(logits, y, self.T)
     def state_dict(self): return {"T": self.T}
     def load_state_dict(self, sd): self.T = sd["T"]
-    def hparams(self): return {"percentile": self.percentile} if self.T is None or self.ce_state is not None else {"T": "given"}
+    def hparams(self): return {"percentile": self.percentile} if self.ce_state is not None else {"T": "given"}
 
 # %% ../nbs/04a_baselines.ipynb #ecfb4068
 @register_method("Co-teaching")

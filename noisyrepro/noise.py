@@ -78,12 +78,19 @@ class NoisyLabels:
         "Load what `save` wrote."
         return cls(**torch.load(path, weights_only=True))
 
-# %% ../nbs/02_noise.ipynb #b26ebb5c
+# %% ../nbs/02_noise.ipynb #f12c03a2
 def _package(clean, noisy, num_classes, kind, intended=None, seed=None, nominal=None, options=None) -> NoisyLabels:
     "Wrap clean and noisy labels into a `NoisyLabels`, deriving the flip mask, T̂ and the measured rate."
     is_noisy = noisy != clean
     return NoisyLabels(noisy, clean, is_noisy, empirical_transition(clean, noisy, num_classes), is_noisy.float().mean().item(),
                        kind, intended, seed, nominal, dict(options or {}))
+
+def _subset(self: NoisyLabels, idx) -> NoisyLabels:
+    "The record of the examples at positions `idx` (e.g. one split), with T̂ and the rate re-measured on them."
+    idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+    return _package(self.clean[idx], self.labels[idx], self.num_classes, self.kind, self.intended, self.seed, self.nominal, self.options)
+
+NoisyLabels.subset = _subset
 
 # %% ../nbs/02_noise.ipynb #bab79e19
 def check_transition(T, num_classes: int | None = None, atol: float = 1e-6) -> torch.Tensor:
