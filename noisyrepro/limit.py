@@ -24,7 +24,7 @@ __all__ = ['LIMIT_GRIDS', 'LIMIT_METHODS', 'BETAS', 'SIGMAS_Q', 'PAPER_GRIDS', '
            'mc_channel_mi', 'mc_gaussian_input_mi', 'laplace_mi_bound', 'replace_grad', 'limit_mu', 'ce_grad',
            'limit_grad_sample', 'limit_q_loss', 'grad_norm_penalty', 'q_network', 'LIMIT', 'soft_reg_penalties',
            'SoftReg', 'dmi_limit_loss', 'DMILimit', 'limit_scores', 'roc_auc', 'rank_mislabeled', 'hparam_grid',
-           'split_lr', 'select_by_validation', 'bootstrap_std']
+           'split_lr', 'select_by_validation', 'bootstrap_std', 'bootstrap_test_std']
 
 # %% ../nbs/05_limit.ipynb #6cf38486
 def binary_entropy(p):
@@ -391,13 +391,13 @@ def _limit_init(dist: str, init_state: dict | None = None, **kw) -> LIMIT:
 
 for _d, _dist in (("G", "gaussian"), ("L", "laplace")): register_method(f"LIMIT_{_d}-S+init")(lambda _dist=_dist, **kw: _limit_init(_dist, **kw))
 
-# %% ../nbs/05_limit.ipynb #a38e8ed2
+# %% ../nbs/05_limit.ipynb #c7d43378
 def select_by_validation(df: pd.DataFrame, setting=("dataset", "noise_type", "noise", "n_train"), metric: str = "val_acc") -> pd.DataFrame:
     """Keep, per setting and method, the runs of the hyper-parameters with the best mean `metric` over seeds (the paper's selection)."""
-    keys = list(setting) + ["method"]
-    means = df.groupby(keys + ["hparams"], dropna=False)[metric].mean().reset_index()
-    best = means.loc[means.groupby(keys, dropna=False)[metric].idxmax(), keys + ["hparams"]]
-    return df.merge(best, on=keys + ["hparams"])
+    keys, hp = list(setting) + ["method"], ["hparams"] + (["lr"] if "lr" in df.columns else [])   # the learning rate is a grid axis too
+    means = df.groupby(keys + hp, dropna=False)[metric].mean().reset_index()
+    best = means.loc[means.groupby(keys, dropna=False)[metric].idxmax(), keys + hp]
+    return df.merge(best, on=keys + hp)
 
 # %% ../nbs/05_limit.ipynb #a3bbd733
 def bootstrap_std(correct: torch.Tensor, n: int = 1000, seed: int = 0) -> float:
@@ -406,3 +406,9 @@ def bootstrap_std(correct: torch.Tensor, n: int = 1000, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(c), (n, len(c)), generator=g)
     return c[idx].mean(1).std().item()
+
+# %% ../nbs/05_limit.ipynb #ca9522da
+def bootstrap_test_std(model: nn.Module, test: LabeledData, cfg: TrainConfig | None = None, n: int = 1000, seed: int = 0) -> float:
+    """The paper's CIFAR error bar: std of `model`'s accuracy on `test` over `n` bootstrap resamples of `test`."""
+    correct = predict_logits(model, test, cfg).argmax(1).cpu() == test.y.cpu()
+    return bootstrap_std(correct, n, seed)

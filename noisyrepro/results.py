@@ -287,7 +287,7 @@ def render_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str,
     png = atomic_write_bytes(out / f"{name}.png", _png(textwrap.fill(full, 110), header, rows))
     return md, png
 
-# %% ../nbs/04b_results.ipynb #cedf28e5
+# %% ../nbs/04b_results.ipynb #f6207dac
 import dataclasses
 import torch
 from .core import config_key, device_name
@@ -308,7 +308,7 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
               is_noisy=splits.train_noise.is_noisy, ckpt=run / "ckpt.pt", **fit_kw)
     if keep_state: torch.save(res.best_state, run / "best.pt")
     row = {**meta, "method": method, "hparams": plain_hp, "seed": cfg.seed, **res.row(), "n_train": len(splits.train),
-           "noise_rate": round(splits.train_noise.rate, 5), "epochs_run": res.epochs_run, "device": device_name(cfg.device), "run_key": key}
+           "lr": cfg.lr, "noise_rate": round(splits.train_noise.rate, 5), "epochs_run": res.epochs_run, "device": device_name(cfg.device), "run_key": key}
     record_result(out_dir, row)
     (run / "ckpt.pt").unlink(missing_ok=True)                   # the row is the record; keep disk use small
     return row, res
