@@ -1,0 +1,175 @@
+"""Contracts of noisyrepro.cdr_aux: CDR's mask and update rules, AUX's per-example slack, RDI, their equivalence, the registry."""
+import math
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from noisyrepro.data import LabeledData
+from noisyrepro.train import Trainer, TrainConfig, fit, get_method
+from noisyrepro.cdr_aux import (AUX, CDR, CDRAUX, CDRRDI, RDI, SGD, aux_min_norm, cdr_mask_gradients, cdr_parameters, criticality,
+                                critical_masks, drop_momentum, kernel_ridge_predict, kernel_ridge_weights, matched_rdi_lamb,
+                                method_hparams, noise_options, num_critical, per_example_loss, rdi_penalty, report_config)
+
+
+def _mlp(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    with torch.no_grad():
+        for p in net.parameters(): p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / 2)
+    return net
+
+
+def _data(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return LabeledData(torch.randn(n, 5, generator=g, dtype=torch.float64), torch.arange(n) % 3, list("abc"), "tiny", "train")
+
+
+def _trainer(method, n=12, batch=None, lr=0.1, wd=0.01, momentum=0.9, optimizer="sgd"):
+    d = _data(n)
+    cfg = TrainConfig(epochs=1, batch_size=batch or n, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=wd,
+                      normalize=None, device="cpu", progress=False)
+    return Trainer(_mlp(), d, d, None, method, cfg)
+
+
+def test_criticality_and_eligible_tensors():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    assert [p.ndim for p in cdr_parameters(net)] == [4, 2]
+    w = nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]])); w.grad = torch.tensor([[3.0, 1.0], [-4.0, 0.0]])
+    assert torch.equal(criticality([w]), torch.tensor([3.0, 2.0, 2.0, 0.0]))
+
+
+def test_masks_are_the_global_top_k():
+    net = _mlp(); g = torch.Generator().manual_seed(1)
+    for i, p in enumerate(net.parameters()): p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64) * (20 if i >= 2 else 1)
+    ps = cdr_parameters(net); m = sum(p.numel() for p in ps)
+    for tau in (0.0, 0.2, 0.4, 0.7):
+        masks = critical_masks(ps, tau); k = num_critical(m, tau)
+        top = set(torch.argsort(criticality(ps), descending=True)[:k].tolist())
+        assert set(torch.cat([x.flatten() for x in masks]).nonzero().squeeze(1).tolist()) == top
+    f = [x.float().mean().item() for x in critical_masks(ps, 0.5)]
+    assert f[1] > f[0] + 0.2  # one threshold for all layers, not 1 - tau per layer
+
+
+def test_num_critical_and_tau_errors():
+    assert num_critical(100, 0.7) == 30 and num_critical(7, 0.0) == 7
+    for bad in (1.0, -0.1, "0.2", True):
+        with pytest.raises(ValueError, match="valid: a noise rate 0 <= tau < 1"): num_critical(10, bad)
+    with pytest.raises(ValueError, match="CDR needs tau="): CDR()
+    with pytest.raises(ValueError, match="valid rules: code, paper"): CDR(tau=0.1, rule="torch")
+
+
+def test_mask_gradients_scales_and_zeroes():
+    net = _mlp(); g = torch.Generator().manual_seed(2)
+    for p in net.parameters(): p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    ps = cdr_parameters(net); g0 = [p.grad.clone() for p in ps]
+    masks = cdr_mask_gradients(ps, 0.3)
+    for p, g_, m in zip(ps, g0, masks):
+        torch.testing.assert_close(p.grad, torch.where(m, 0.7 * g_, torch.zeros_like(g_)))
+
+
+def _deviation_of_noncritical(rule, steps=4, lr=0.1, wd=0.01):
+    tr = _trainer(CDR(tau=0.4, rule=rule), lr=lr, wd=wd); devs = []
+    for _ in range(steps):
+        before = [p.detach().clone() for p in tr.method.params]
+        tr.train_epoch()
+        devs.append(max((p.detach() - w + lr * wd * w)[~m].abs().max().item() for p, w, m in zip(tr.method.params, before, tr.method.masks)))
+    return devs
+
+
+def test_paper_rule_moves_noncritical_weights_by_decay_only():
+    assert max(_deviation_of_noncritical("paper")) < 1e-12
+    code = _deviation_of_noncritical("code")
+    assert code[0] < 1e-12 and max(code[1:]) > 1e-5  # momentum moves them from the second step on
+
+
+def test_drop_momentum_without_state_is_a_no_op():
+    net = _mlp(); opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    drop_momentum(opt, cdr_parameters(net), [torch.zeros_like(p, dtype=torch.bool) for p in cdr_parameters(net)])
+
+
+def test_paper_rule_needs_sgd():
+    with pytest.raises(ValueError, match="rule='paper' needs optimizer='sgd'"): _trainer(CDR(tau=0.2, rule="paper"), optimizer="adam")
+    _trainer(CDR(tau=0.2, rule="code"), optimizer="adam")  # the code rule works with any optimizer
+
+
+def test_aux_updates_only_the_batch_rows():
+    tr = _trainer(AUX(lamb=2.0, aux_lr=0.3), batch=4)
+    x, y = tr.batch(torch.arange(12)); idx = torch.tensor([1, 5, 6, 10])
+    tr.optimizer.zero_grad(); logits = tr.method.forward(tr, x[idx])
+    tr.method.loss(tr, logits.float(), y[idx], idx, x[idx]).backward()
+    tr.method.after_step(tr)
+    b = tr.method.b
+    s = torch.softmax(logits.detach().float(), 1)
+    torch.testing.assert_close(b[idx], -0.3 * 2.0 * (s - F.one_hot(y[idx], 3).float()))  # −η_b λ (softmax − e_y)
+    others = torch.ones(12, dtype=torch.bool); others[idx] = False
+    assert torch.equal(b[others], torch.zeros(8, 3))
+
+
+def test_aux_default_lr_follows_the_optimizer_and_logs():
+    tr = _trainer(AUX(lamb=1.0), batch=12, lr=0.05); tr.train_epoch()
+    assert len(tr.method.log) == 1 and 0 <= tr.method.log[0]["train_acc_aux"] <= 1
+    sd = tr.method.state_dict(); m2 = AUX(lamb=1.0); t2 = _trainer(m2); m2.load_state_dict(sd)
+    assert torch.equal(m2.b, tr.method.b) and m2.log == tr.method.log
+
+
+def test_losses_penalty_and_errors():
+    out, y = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1])
+    torch.testing.assert_close(per_example_loss(out, y, "mse"), torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="valid losses: ce, mse"): per_example_loss(out, y, "hinge")
+    with pytest.raises(ValueError, match="valid losses: ce, mse"): AUX(loss="hinge")
+    with pytest.raises(ValueError, match="valid: lamb >= 0"): RDI(lamb=-1.0)
+    assert rdi_penalty([torch.full((3,), 2.0)], [torch.zeros(3)], 2.0, 4).item() == pytest.approx(4 / 8 * 12)
+
+
+def test_rdi_state_round_trip():
+    tr = _trainer(RDI(lamb=3.0)); init = [p.clone() for p in tr.method.init]
+    tr.train_epoch(); sd = tr.method.state_dict()
+    m2 = RDI(lamb=3.0); _trainer(m2); m2.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(m2.init, init))
+
+
+def test_closed_forms_agree():
+    g = torch.Generator().manual_seed(0)
+    Phi, r = torch.randn(8, 20, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+    dW, b = aux_min_norm(Phi, r, 2.0)
+    torch.testing.assert_close(dW, kernel_ridge_weights(Phi, r, 2.0))
+    torch.testing.assert_close(Phi @ dW + 2.0 * b, r)
+    torch.testing.assert_close(Phi @ dW, kernel_ridge_predict(Phi @ Phi.T, Phi @ Phi.T, r, 2.0))
+
+
+def test_aux_and_rdi_reach_the_same_linear_predictor():
+    g = torch.Generator().manual_seed(3); n, D, C = 20, 60, 3
+    X, Y = torch.randn(n, D, generator=g) / math.sqrt(D), torch.arange(n) % C
+    Xn = torch.randn(10, D, generator=g) / math.sqrt(D)
+    K = (X @ X.T).double(); r = F.one_hot(Y, C).double()
+    eta = n / torch.linalg.eigvalsh(K + torch.eye(n, dtype=torch.float64)).max().item()
+    cfg = TrainConfig(epochs=150, batch_size=n, lr=eta, optimizer="sgd", momentum=0.0, weight_decay=0.0, normalize=None, device="cpu", progress=False)
+    want = kernel_ridge_predict((Xn @ X.T).double(), K, r, 1.0)
+    d = LabeledData(X, Y, list("abc"), "lin", "train")
+    for meth in (AUX(1.0, aux_lr=eta / n, loss="mse"), RDI(1.0, loss="mse")):
+        mdl = nn.Linear(D, C, bias=False)
+        with torch.no_grad(): mdl.weight.zero_()
+        fit(mdl, d, d, None, meth, cfg)
+        torch.testing.assert_close(mdl(Xn).detach().double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_registry_and_composition():
+    names = ["SGD", "CDR", "AUX", "CDR+AUX", "RDI", "CDR+RDI"]
+    hp = {"CDR": {"tau": 0.2}, "CDR+AUX": {"tau": 0.2}, "CDR+RDI": {"tau": 0.2}}
+    ms = [get_method(n, **hp.get(n, {})) for n in names]
+    assert [type(m) for m in ms] == [SGD, CDR, AUX, CDRAUX, RDI, CDRRDI] and [m.name for m in ms] == names
+    tr = _trainer(get_method("CDR+AUX", tau=0.4, lamb=1.0)); tr.train_epoch()
+    assert len(tr.method.params) == 2 and tr.method.b.shape == (12, 3) and tr.method.masks is not None
+    assert get_method("CDR+RDI", tau=0.4, lamb=2.0).hparams() == {"tau": 0.4, "rule": "code", "lamb": 2.0, "loss": "ce"}
+    tr = _trainer(get_method("CDR+RDI", tau=0.4, lamb=2.0)); tr.train_epoch()
+    assert [p.ndim for p in tr.method.params] == [2, 2] and len(tr.method.rdi_params) == 4  # mask on weights, penalty on all
+
+
+def test_protocol_helpers():
+    cfg = report_config(epochs=5, seed=3)
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.milestones, cfg.optimizer) == (32, 0.01, 0.9, 1e-3, (9, 19), "sgd")
+    assert matched_rdi_lamb(1.0, cfg) == pytest.approx(math.sqrt(3.2))
+    assert noise_options("asymmetric") == {"seven_to_one": False} and noise_options("instance") == {}
+    assert method_hparams("CDR", 0.4, 10.0, 18.0, tau=0.3, rule="paper") == {"tau": 0.3, "rule": "paper"}
+    assert method_hparams("AUX", 0.4, 10.0, 18.0, aux_lr=0.1) == {"lamb": 10.0, "aux_lr": 0.1}
+    with pytest.raises(ValueError, match="valid methods: SGD, CDR, AUX, CDR\\+AUX, RDI, CDR\\+RDI"): method_hparams("CE", 0.4, 1.0, 1.0)
