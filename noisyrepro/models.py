@@ -12,8 +12,8 @@ import torchvision.models as tvm
 from torchvision.models.resnet import Bottleneck
 
 # %% auto #0
-__all__ = ['MODELS', 'count_params', 'LimitMnistCNN', 'LimitMLP', 'LeNet', 'DmiFashionCNN', 'BasicBlock', 'CifarResNet',
-           'WideBasic', 'WideResNet', 'ResNet50', 'WordCNN', 'get_model']
+__all__ = ['MODELS', 'VGG16_CFG', 'count_params', 'LimitMnistCNN', 'LimitMLP', 'LeNet', 'DmiFashionCNN', 'BasicBlock',
+           'CifarResNet', 'WideBasic', 'WideResNet', 'ResNet50', 'WordCNN', 'get_model', 'VGG16']
 
 # %% ../nbs/03_models.ipynb #4eab8f46
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -257,3 +257,26 @@ def get_model(name: str, num_classes: int, seed: int | None = None, **kw) -> nn.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MODELS[name](num_classes, **kw)
+
+# %% ../nbs/03_models.ipynb #cc8d9e2d
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+class VGG16(nn.Module):
+    "L_DMI's Dogs vs. Cats VGG-16: 13 × [conv 3×3, BN, ReLU] with 5 max-pools, then linear 512·4·4 → C (no hidden FC layers)."
+    def __init__(self, num_classes: int = 2, in_channels: int = 3):
+        super().__init__()
+        layers, c = [], in_channels
+        for v in VGG16_CFG:
+            if v == "M": layers.append(nn.MaxPool2d(2, 2)); continue
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]; c = v
+        self.convs = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(4)                 # identity on the 4×4 map of a 150×150 input
+        self.head = nn.Linear(512 * 4 * 4, num_classes)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        "Flattened 8192-d conv features."
+        return self.pool(self.convs(x)).flatten(1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "Logits."
+        return self.head(self.features(x))
+
+MODELS["vgg16"] = VGG16                                     # L_DMI Dogs vs. Cats

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from noisyrepro.models import (MODELS, count_params, get_model, LimitMnistCNN, LimitMLP, LeNet, DmiFashionCNN,
-                               CifarResNet, WideResNet, ResNet50, WordCNN)
+                               CifarResNet, WideResNet, ResNet50, WordCNN, VGG16)
 
 # name: (kwargs, num_classes, input shape or None for token ids, hand-derived parameter count)
 SPECS = {
@@ -21,6 +21,7 @@ SPECS = {
     'wrn28_2': ({}, 10, (2, 3, 16, 16), 1_469_642),            # are adaptive (32x32 shapes are checked in
     'resnet50': ({}, 14, (2, 3, 16, 16), 23_536_718),          # the notebook)
     'wordcnn': ({'vocab_size': 1_000}, 2, None, 128 * 1_000 + 154_502),
+    'vgg16': ({}, 2, (2, 3, 64, 64), 14_739_522),              # L_DMI Dogs vs. Cats (150x150 in the notebook)
 }
 
 
@@ -181,3 +182,14 @@ def test_count_params_excludes_buffers_and_frozen():
     lin = nn.Linear(3, 4)
     lin.weight.requires_grad_(False)
     assert count_params(lin) == 16 and count_params(lin, trainable_only=True) == 4
+
+
+def test_vgg16_layout_matches_the_l_dmi_script():
+    m = get_model('vgg16', 2, seed=0).eval()
+    convs = [l for l in m.convs if isinstance(l, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    assert sum(isinstance(l, nn.MaxPool2d) for l in m.convs) == 5 and sum(isinstance(l, nn.BatchNorm2d) for l in m.convs) == 13
+    assert m.head.in_features == 8192 and isinstance(m, VGG16)
+    with torch.no_grad():
+        fmap = m.convs(torch.randn(1, 3, 150, 150, generator=torch.Generator().manual_seed(0)))
+        assert fmap.shape == (1, 512, 4, 4) and torch.equal(m.pool(fmap), fmap)     # 150 -> 4x4: the pool is the identity
