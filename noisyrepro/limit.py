@@ -305,12 +305,11 @@ class SoftReg(Method):
     def load_state_dict(self, sd): self.q.load_state_dict(sd["q"])
     def hparams(self): return {"lamb": self.lamb, "beta": self.beta}
 
-# %% ../nbs/05_limit.ipynb #c0fbaaeb
+# %% ../nbs/05_limit.ipynb #6ff2cac5
 def dmi_limit_loss(logits: Tensor, y: Tensor) -> Tensor:
-    "LIMIT's DMI loss $-\\log(|\\det(Y^\\top S)| + 0.001)$ on a batch, no 1/N."
-    dt = torch.float32 if logits.device.type == "mps" else torch.float64   # MPS has no float64
-    U = F.one_hot(y, logits.shape[1]).to(dt).T @ logits.to(dt).softmax(1)    # U = Yᵀ S  (C×C)
-    return -torch.log(torch.det(U).abs() + 0.001).to(logits.dtype)
+    "LIMIT's DMI loss $-\\log(|\\det(S^\\top Y)| + 0.001)$ on a batch, no 1/N: L_DMI as `noisyrepro.dmi` computes it."
+    from noisyrepro.dmi import dmi_loss
+    return dmi_loss(logits, y, normalize=False, eps=0.001)     # det(Yᵀ S) = det(Sᵀ Y)
 
 @register_method("DMI-LIMIT")
 class DMILimit(Method):
