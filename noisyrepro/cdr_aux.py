@@ -189,7 +189,8 @@ REPORT_NOISES = [0.2, 0.4, 0.7]
 def report_config(epochs: int = 100, seed: int = 1, device: str = "auto", **kw) -> TrainConfig:
     "The report's (= CDR's MNIST) training: batch 32, SGD lr 0.01, momentum 0.9, weight decay 1e-3, lr ×0.1 after epochs 9 and 19."
     return TrainConfig(**(dict(epochs=epochs, batch_size=32, lr=0.01, optimizer="sgd", momentum=0.9, weight_decay=1e-3,
-                               schedule="multistep", milestones=(9, 19), gamma=0.1, normalize="mnist", seed=seed, device=device) | kw))
+                               schedule="multistep", milestones=(9, 19), gamma=0.1, normalize="mnist", seed=seed, device=device,
+                               amp=False) | kw))                                     # fp32, as the authors ran (criticality ranks tiny |g·w|)
 
 def noise_options(noise_type: str) -> dict:
     "Extra `corrupt_labels` options for the report's noise: CDR's MNIST asymmetric map has no 7→1."

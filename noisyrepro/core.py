@@ -4,14 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #93946eb3
 from __future__ import annotations
-import csv, hashlib, io, json, os, platform, random, subprocess, sys, tempfile, time
+import csv, hashlib, io, json, os, platform, random, subprocess, sys, tempfile, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['VALID_DEVICES', 'seed_everything', 'get_device', 'device_name', 'config_key', 'run_dir', 'outputs_dir',
+__all__ = ['VALID_DEVICES', 'DIRTY_TREE', 'seed_everything', 'get_device', 'device_name', 'config_key', 'run_dir', 'outputs_dir',
            'atomic_write_bytes', 'atomic_write_text', 'read_rows', 'append_row', 'sha256_file', 'tensor_sha256',
            'git_commit', 'package_versions', 'provenance', 'write_provenance', 'Timer', 'in_test']
 
@@ -138,18 +138,30 @@ def package_versions(names=("torch", "torchvision", "numpy", "pandas", "matplotl
     return out
 
 # %% ../nbs/00_core.ipynb #4ac8a3a0
+DIRTY_TREE = ("the code had uncommitted changes when this was written: git_commit alone does not reproduce it; "
+              "re-render from a clean commit")
+
+def _here() -> Path:
+    "The folder of this module (the working directory in a notebook), whose git commit provenance records."
+    return Path(__file__).parent if "__file__" in globals() else Path(".")
+
 def provenance(params: dict, device: str | torch.device = "auto", **extra) -> dict:
-    """Everything needed to say where a result came from: parameters, commit, versions, device, time, and `extra`."""
-    dev = get_device(device)
-    return {"params": params, "git_commit": git_commit(Path(__file__).parent if "__file__" in globals() else "."),
+    """Everything needed to say where a result came from: parameters, commit (flagged if dirty), versions, device, time, and `extra`."""
+    dev = get_device(device); commit = git_commit(_here())
+    return {"params": params, "git_commit": commit, "tree_clean": bool(commit) and not commit.endswith("+dirty"),
+            **({"warning": DIRTY_TREE} if commit.endswith("+dirty") else {}),
             "packages": package_versions(), "device": str(dev), "device_name": device_name(dev),
             "platform": platform.platform(), "cuda": torch.version.cuda if dev.type == "cuda" else None,
             "deterministic": torch.are_deterministic_algorithms_enabled(),
             "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra}
 
-def write_provenance(out_dir: str | Path, params: dict, device: str | torch.device = "auto", **extra) -> Path:
-    """Write `provenance(...)` to `<out_dir>/provenance.json` atomically and return the path."""
-    return atomic_write_text(Path(out_dir) / "provenance.json", json.dumps(provenance(params, device, **extra), indent=1, default=str))
+def write_provenance(out_dir: str | Path, params: dict, device: str | torch.device = "auto", require_clean: bool = False, **extra) -> Path:
+    """Write `provenance(...)` to `<out_dir>/provenance.json` atomically; a dirty tree is flagged (warning) or refused (`require_clean`)."""
+    prov = provenance(params, device, **extra)
+    if not prov["tree_clean"]:
+        if require_clean: raise RuntimeError(f"refusing to write {Path(out_dir) / 'provenance.json'}: git_commit={prov['git_commit']!r}; {DIRTY_TREE}")
+        warnings.warn(f"provenance of {out_dir}: git_commit={prov['git_commit']!r}; {DIRTY_TREE}")
+    return atomic_write_text(Path(out_dir) / "provenance.json", json.dumps(prov, indent=1, default=str))
 
 # %% ../nbs/00_core.ipynb #2fd6a21e
 class Timer:

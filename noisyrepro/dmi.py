@@ -95,6 +95,7 @@ def _check_selection(select: str):
 class SelectsOwnBest(Method):
     """A method that picks its own best epoch by `val_score` on the validation set and hands it to `fit` after the last epoch."""
     include_start, ties, own_selection = True, "earlier", True     # starting weights are "epoch 0"; which tie wins
+    score_name = "score"                                            # what val_score measures, for the selection rule
 
     def val_score(self, logits: Tensor, y: Tensor) -> float:
         "Higher is better; computed on the whole validation set in eval mode."
@@ -123,6 +124,12 @@ class SelectsOwnBest(Method):
             tr.model.load_state_dict(self.selection["state"])        # evaluated next, as the final epoch ...
             tr.best["val_acc"] = -1.0                                # ... and taken as fit's best
 
+    def selection_rule(self, tr) -> str:
+        "The rule this method selects by (results.csv's `selection` column)."
+        if not self.own_selection: return super().selection_rule(tr)
+        return (f"max {self.score_name} on the validation set, {self.ties} of ties"
+                + (", starting weights (epoch 0) a candidate" if self.include_start else ""))
+
     def state_dict(self): return super().state_dict() | {"selection": self.selection}
     def load_state_dict(self, sd): super().load_state_dict(sd); self.selection = sd["selection"]
 
@@ -130,9 +137,13 @@ class SelectsOwnBest(Method):
 @register_method("CE-DMI")
 class CEDMI(SelectsOwnBest):
     """Cross-entropy, selected by noisy-validation accuracy with ties going to the later epoch (the L_DMI scripts' `>=`)."""
-    name, include_start, ties = "CE-DMI", False, "later"
+    name, include_start, ties, score_name = "CE-DMI", False, "later", "noisy accuracy"
+    def __init__(self, reset_optimizer: bool = True): self.reset_optimizer = bool(reset_optimizer)
     def setup(self, tr): self._start_selection(tr)
+    def start_epoch(self, tr, epoch):
+        if self.reset_optimizer: tr.optimizer.state.clear()                        # CE.py re-creates its optimizer every epoch
     def val_score(self, logits, y): return (logits.argmax(1) == y).float().mean().item()
+    def hparams(self): return {} if self.reset_optimizer else {"reset_optimizer": False}
 
 # %% ../nbs/07_dmi.ipynb #bf1fa131
 def load_ce_state(model: nn.Module, state: dict, who: str = "DMI") -> None:
@@ -151,7 +162,7 @@ def _check_batch(tr, who: str):
 @register_method("DMI")
 class DMI(SelectsOwnBest):
     """L_DMI (Xu et al. 2019): −log(|det U| + eps) on each full batch, started from a CE model `ce_state`; selection by validation L_DMI."""
-    name = "DMI"
+    name, score_name = "DMI", "−L_DMI (log|det U|, U = O L / N)"
     def __init__(self, ce_state: dict | None = None, normalize: bool = False, eps: float = 1e-3, select: str = "loss", reset_optimizer: bool = True):
         _check_selection(select)
         if not eps >= 0: raise ValueError(f"eps={eps!r} is out of range; valid: eps >= 0 (the scripts use 0.001)")
@@ -183,7 +194,7 @@ class DMI(SelectsOwnBest):
 @register_method("FW-DMI")
 class FWDMI(SelectsOwnBest, Forward):
     """Forward correction with T estimated from the CE model `ce_state` (no percentile filter), started from it; selection by validation FW loss."""
-    name = "FW-DMI"
+    name, score_name = "FW-DMI", "−FW loss"
     def __init__(self, ce_state: dict | None = None, reset_optimizer: bool = True):
         if ce_state is None: raise ValueError("FW-DMI needs ce_state, got None; valid: the best_state of a trained CE model (T is estimated from it, training starts from it)")
         Forward.__init__(self, ce_state=ce_state, percentile=None); self.reset_optimizer = reset_optimizer
@@ -200,7 +211,7 @@ class FWDMI(SelectsOwnBest, Forward):
 @register_method("GCE-DMI")
 class GCEDMI(SelectsOwnBest, GCE):
     """Generalised cross-entropy L_q (q = 0.7, no pruning) started from the CE model `ce_state`; selection by validation L_q."""
-    name = "GCE-DMI"
+    name, score_name = "GCE-DMI", "−L_q"
     def __init__(self, ce_state: dict | None = None, q: float = 0.7, reset_optimizer: bool = True):
         if ce_state is None: raise ValueError("GCE-DMI needs ce_state, got None; valid: the best_state of a trained CE model (training starts from it)")
         GCE.__init__(self, q=q); self.ce_state, self.reset_optimizer = ce_state, reset_optimizer
@@ -309,7 +320,7 @@ def dmi_train_config(experiment: str, method: str, seed: int = 0, device: str = 
     "The `TrainConfig` of `method` (CE-DMI, FW-DMI, GCE-DMI or DMI) in an L_DMI experiment, with `override`s."
     _check_experiment(experiment); P = DMI_PROTOCOL[experiment]
     if method not in P: raise ValueError(f"method {method!r} is not in the {experiment} protocol; valid: {', '.join(m for m in DMI_METHODS if m in P)}")
-    return TrainConfig(**(P[method] | {"seed": seed, "device": device} | override))
+    return TrainConfig(**(P[method] | {"seed": seed, "device": device, "amp": False} | override))   # fp32, as the authors ran
 
 def dmi_model(experiment: str, splits: NoisySplits, seed: int = 0, **kw) -> nn.Module:
     "The experiment's network for `splits` (WordCNN gets the vocabulary size), initialised with `seed`."

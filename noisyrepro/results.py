@@ -15,13 +15,14 @@ try: import fcntl
 except ImportError: fcntl = None  # Windows: no advisory lock, appends are still atomic
 
 # %% auto #0
-__all__ = ['RESULT_COLUMNS', 'ACC_COLUMNS', 'RESULT_NUMERIC', 'RESULTS_FILE', 'DEFAULT_BY', 'PAPERS', 'PAPER_COLUMNS',
-           'PAPER_NUMERIC', 'record_result', 'done_keys', 'is_done', 'load_results', 'summarize', 'paper_numbers',
-           'compare', 'pivot_table', 'render_table', 'run_experiment', 'best_state']
+__all__ = ['RESULT_COLUMNS', 'CAPTION_COLUMNS', 'ACC_COLUMNS', 'RESULT_NUMERIC', 'RESULTS_FILE', 'DEFAULT_BY', 'PAPERS',
+           'PAPER_COLUMNS', 'PAPER_NUMERIC', 'record_result', 'done_keys', 'is_done', 'load_results', 'summarize',
+           'paper_numbers', 'compare', 'pivot_table', 'render_table', 'run_experiment', 'best_state']
 
 # %% ../nbs/04b_results.ipynb #b440f21d
 RESULT_COLUMNS = ("paper", "experiment", "dataset", "noise_type", "noise", "n_train", "method", "hparams", "seed",
                   "best_epoch", "val_acc", "test_acc", "last_test_acc", "train_seconds", "scale", "device", "run_key")
+CAPTION_COLUMNS = ("scale", "device", "selection")  # stated once in a table's caption, not per cell
 ACC_COLUMNS = ("val_acc", "test_acc", "last_test_acc")  # fractions in [0, 1] in results.csv, percent in summaries
 RESULT_NUMERIC = {"noise": "float", "n_train": "int", "seed": "int", "best_epoch": "int", "val_acc": "float",
                   "test_acc": "float", "last_test_acc": "float", "train_seconds": "float"}
@@ -126,7 +127,7 @@ def summarize(df: pd.DataFrame, by=DEFAULT_BY, metric: str = "test_acc") -> pd.D
     x = _to_numeric(df[metric], "float", metric) * (100 if metric in ACC_COLUMNS else 1)  # fractions -> percent
     g = x.groupby([df[c] for c in by], dropna=False, sort=False)
     out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()}).reset_index()
-    for c in ("scale", "device"):  # provenance travels with the summary (for captions)
+    for c in CAPTION_COLUMNS:  # provenance travels with the summary (for captions)
         if c in df.columns and c not in by: out[c] = df.groupby(by, dropna=False, sort=False)[c].agg(_joined).values
     return out
 
@@ -200,7 +201,7 @@ def compare(ours: pd.DataFrame, paper: pd.DataFrame, on=DEFAULT_BY, paper_metric
     if method_map and "method" in on: ours = ours.assign(method=ours.method.replace(method_map))
     ok, pk = _keys(ours, on), _keys(paper, on)
     _check_unique(ok, "ours", on); _check_unique(pk, "paper", on)
-    extra = [c for c in ("scale", "device") if c in ours.columns]
+    extra = [c for c in CAPTION_COLUMNS if c in ours.columns]
     O = ours[["mean", "std", "n", *extra]].rename(columns={"mean": "ours_mean", "std": "ours_std", "n": "ours_n"}).assign(_key=ok)
     P = paper[[*on, "mean", *[c for c in ("std", "note") if c in paper.columns]]].rename(columns={"mean": "paper_mean", "std": "paper_std"}).assign(_key=pk)
     only = ~ok.isin(set(pk))
@@ -232,7 +233,7 @@ def pivot_table(compare_df: pd.DataFrame, index: str = "method", columns=("noise
     t = pd.DataFrame({index: d[index].values, "_col": lab, "cell": cell}).pivot(index=index, columns="_col", values="cell")
     t = t.reindex(index=pd.unique(d[index]), columns=pd.unique(pd.Series(lab))).fillna("")
     t.columns.name = None
-    t.attrs = {c: _joined(d[c]) for c in ("scale", "device") if c in d.columns}  # for render_table's caption
+    t.attrs = {c: _joined(d[c]) for c in CAPTION_COLUMNS if c in d.columns}  # for render_table's caption
     return t
 
 # %% ../nbs/04b_results.ipynb #93f894a0
@@ -270,16 +271,17 @@ def _png(caption: str, header: list, rows: list) -> bytes:
 
 # %% ../nbs/04b_results.ipynb #58d00e2a
 def render_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str, scale: str | None = None,
-                 device: str | None = None, digits: int = 1) -> tuple[Path, Path]:
-    """Write `df` as `<out_dir>/<name>.md` and `<name>.png`, with a caption that states the scale and the hardware."""
+                 device: str | None = None, digits: int = 1, selection: str | None = None) -> tuple[Path, Path]:
+    """Write `df` as `<out_dir>/<name>.md` and `<name>.png`, with a caption that states the scale, the hardware and the selection rule."""
     if not re.fullmatch(r"[\w.-]+", name): raise ValueError(f"name {name!r} is not a plain file name; use letters, digits, '_', '-', '.'")
     scale, device = scale or _provenance_of(df, "scale"), device or _provenance_of(df, "device")
-    if not scale or not device:
-        raise ValueError(f"the caption must state scale and hardware (got scale={scale!r}, device={device!r}); "
-                         "pass scale=... and device=... or give df 'scale'/'device' columns")
-    full = f"{caption.rstrip()} Scale: {scale}. Hardware: {device}."
+    selection = selection or _provenance_of(df, "selection")
+    if not scale or not device or not selection:
+        raise ValueError(f"the caption must state scale, hardware and selection rule (got scale={scale!r}, device={device!r}, "
+                         f"selection={selection!r}); pass scale=..., device=..., selection=... or give df 'scale'/'device'/'selection' columns")
+    full = f"{caption.rstrip()} Scale: {scale}. Hardware: {device}. Selection: {selection}."
     d = df.reset_index() if not isinstance(df.index, pd.RangeIndex) else df
-    d = d.drop(columns=[c for c in ("scale", "device") if c in d.columns])  # stated in the caption
+    d = d.drop(columns=[c for c in CAPTION_COLUMNS if c in d.columns])  # stated in the caption
     header = [str(c) for c in d.columns]
     rows = [[_text(v, c, digits) for v, c in zip(r, header)] for r in d.itertuples(index=False)]
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +292,7 @@ def render_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str,
 # %% ../nbs/04b_results.ipynb #f6207dac
 import dataclasses
 import torch
-from .core import config_key, device_name
+from .core import config_key, device_name, git_commit
 
 def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: str, hparams: dict | None = None, cfg=None,
                    keep_state: bool = False, **fit_kw) -> tuple[dict, "object | None"]:
@@ -308,7 +310,8 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
               is_noisy=splits.train_noise.is_noisy, ckpt=run / "ckpt.pt", **fit_kw)
     if keep_state: torch.save(res.best_state, run / "best.pt")
     row = {**meta, "method": method, "hparams": plain_hp, "seed": cfg.seed, **res.row(), "n_train": len(splits.train),
-           "lr": cfg.lr, "noise_rate": round(splits.train_noise.rate, 5), "epochs_run": res.epochs_run, "device": device_name(cfg.device), "run_key": key}
+           "lr": cfg.lr, "noise_rate": round(splits.train_noise.rate, 5), "epochs_run": res.epochs_run, "device": device_name(cfg.device),
+           "git_commit": git_commit(Path(__file__).parent if "__file__" in globals() else "."), "run_key": key}
     record_result(out_dir, row)
     (run / "ckpt.pt").unlink(missing_ok=True)                   # the row is the record; keep disk use small
     return row, res

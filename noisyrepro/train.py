@@ -16,10 +16,13 @@ from .data import LabeledData, NORMALIZATION, load_dataset, normalize, split_tra
 from .noise import NoisyLabels, corrupt_labels
 
 # %% auto #0
-__all__ = ['METHODS', 'TrainConfig', 'random_crop_flip', 'Method', 'register_method', 'get_method', 'predict_logits',
-           'predict_proba', 'accuracy', 'EMA', 'FitResult', 'Trainer', 'fit', 'NoisySplits', 'noisy_splits']
+__all__ = ['PAD_FILLS', 'METHODS', 'TrainConfig', 'random_crop_flip', 'Method', 'register_method', 'get_method', 'pad_value',
+           'predict_logits', 'predict_proba', 'accuracy', 'EMA', 'FitResult', 'Trainer', 'fit', 'NoisySplits',
+           'noisy_splits']
 
 # %% ../nbs/04_train.ipynb #7e10ae96
+PAD_FILLS = ("black", "mean")
+
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, augmentation, selection and speed settings for `fit`."""
@@ -35,32 +38,36 @@ class TrainConfig:
     gamma: float = 0.1
     patience: int | None = None       # stop after this many epochs without a better validation accuracy
     normalize: str | None = "mnist"   # a key of data.NORMALIZATION, or None for text/token inputs
-    augment: str | None = None        # None | "flip" | "crop_flip" (random crop with zero padding `pad`, horizontal flip)
+    augment: str | None = None        # None | "flip" | "crop_flip" (random crop with padding `pad`, horizontal flip)
     pad: int = 4
+    pad_fill: str = "black"           # crop padding: "black" (pixel 0 before normalising, torchvision's RandomCrop) | "mean" (0 after)
     ema: float | None = None          # e.g. 0.999: evaluate an exponential moving average of the weights (SLN-MO)
     drop_last: bool = False
     eval_batch_size: int = 1024
     record: bool = False              # per-example loss and p(given label) on the training set after every epoch
     seed: int = 0
     device: str = "auto"
-    amp: bool = True                  # bf16 autocast on CUDA
+    amp: bool = True                  # bf16 autocast on CUDA (the L_DMI and CDR presets turn it off: the authors ran fp32)
     channels_last: bool = True        # on CUDA, for image inputs
     compile: bool = False             # torch.compile the model
     progress: bool | None = None      # tqdm bar over epochs; None = only when interactive
 
     def __post_init__(self):
         for name, val, valid in [("optimizer", self.optimizer, ("adam", "sgd")), ("schedule", self.schedule, (None, "multistep", "cosine")),
-                                 ("augment", self.augment, (None, "flip", "crop_flip")), ("normalize", self.normalize, (None, *NORMALIZATION))]:
+                                 ("augment", self.augment, (None, "flip", "crop_flip")), ("normalize", self.normalize, (None, *NORMALIZATION)),
+                                 ("pad_fill", self.pad_fill, PAD_FILLS)]:
             if val not in valid: raise ValueError(f"unknown {name}={val!r}; valid: {', '.join(map(repr, valid))}")
         if self.epochs < 1 or self.batch_size < 1: raise ValueError(f"epochs={self.epochs} and batch_size={self.batch_size} must be positive")
         if self.ema is not None and not 0 < self.ema < 1: raise ValueError(f"ema={self.ema} must be in (0, 1)")
 
 # %% ../nbs/04_train.ipynb #3900f198
-def random_crop_flip(x: torch.Tensor, pad: int = 4, crop: bool = True, flip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random `pad`-pixel translation (zero padding) and horizontal flip of a batch N×C×H×W, on its own device."""
+def random_crop_flip(x: torch.Tensor, pad: int = 4, crop: bool = True, flip: bool = True, generator: torch.Generator | None = None,
+                     fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Random `pad`-pixel translation (padding with `fill`, a scalar or one value per channel) and horizontal flip of a batch N×C×H×W."""
     N, C, H, W = x.shape
     if crop and pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad))
+        fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)          # 1 or C values
+        xp = F.pad(x - fill, (pad, pad, pad, pad)) + fill                                         # border = fill, inside = x
         dy, dx = (torch.randint(0, 2 * pad + 1, (N,), device=x.device, generator=generator) for _ in range(2))
         rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]      # N×1×H×1
         cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]      # N×1×1×W
@@ -87,6 +94,9 @@ class Method:
     def state_dict(self) -> dict: "Everything a checkpoint must hold to resume the method."; return {}
     def load_state_dict(self, sd: dict) -> None: "Restore `state_dict()`."
     def hparams(self) -> dict: "The method's hyper-parameters, for results.csv."; return {}
+    def selection_rule(self, tr: "Trainer") -> str:
+        "How `fit` picks the reported epoch for this method (results.csv's `selection` column)."
+        return "max noisy-val acc" + (" of the EMA model" if tr.ema else "") + " (first of ties)"
     def __repr__(self): return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.hparams().items())})"
 
 # %% ../nbs/04_train.ipynb #6fbf60fd
@@ -114,6 +124,12 @@ def _prep(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     if x.dtype != torch.uint8 or cfg.normalize is None: return x
     x = normalize(x, cfg.normalize)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.is_cuda and x.ndim == 4 else x
+
+def pad_value(cfg: TrainConfig, device: torch.device | str = "cpu") -> torch.Tensor | float:
+    "The crop padding in normalised units: a black pixel, −mean/std per channel (`pad_fill='black'`), or 0 (`'mean'`)."
+    if cfg.pad_fill == "mean" or cfg.normalize is None: return 0.0
+    mean, std = (torch.tensor(v, device=device) for v in NORMALIZATION[cfg.normalize])
+    return (0.0 - mean) / std                                   # normalize(0) = (0/255 − mean)/std
 
 def _autocast(device: torch.device, cfg: TrainConfig):
     """bf16 autocast on CUDA when `cfg.amp`, else a no-op context."""
@@ -166,9 +182,10 @@ class FitResult:
     best_state: dict | None = None   # the evaluated model's state at best_epoch (on the CPU)
     best_method_state: dict | None = None  # the method's state at best_epoch (e.g. LIMIT's gradient predictor q)
     diagnostics: dict | None = None  # cfg.record: per-epoch per-example 'loss' and 'p_label' (E×N float16), 'is_noisy'
+    selection: str = ""              # the rule that picked best_epoch (e.g. 'max noisy-val acc (first of ties)')
     def row(self) -> dict:
         "The fields results.csv needs."
-        return {k: getattr(self, k) for k in ("best_epoch", "val_acc", "test_acc", "last_test_acc", "train_seconds")}
+        return {k: getattr(self, k) for k in ("best_epoch", "val_acc", "test_acc", "last_test_acc", "train_seconds", "selection")}
 
 # %% ../nbs/04_train.ipynb #d4fece68
 def _interactive() -> bool:
@@ -218,6 +235,7 @@ class Trainer:
         self.optimizer = _optimizer([p for p in self.model.parameters() if p.requires_grad] + list(method.extra_parameters()), cfg)
         self.scheduler = _scheduler(self.optimizer, cfg)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
+        self.pad_value = pad_value(cfg, self.device)                                 # crop padding, in normalised units
         self.order_gen = torch.Generator().manual_seed(cfg.seed)                    # batch order
         self.aug_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)       # augmentation
         self.history, self.best, self.diag = [], {"val_acc": -1.0, "epoch": 0, "test_acc": float("nan"), "state": None}, {"loss": [], "p_label": []}
@@ -230,7 +248,8 @@ class Trainer:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Inputs (normalised, augmented) and labels of the training examples at `idx`."
         x = _prep(self.train.x[idx], self.cfg)
-        if self.cfg.augment and x.ndim == 4: x = random_crop_flip(x, self.cfg.pad, crop=self.cfg.augment == "crop_flip", generator=self.aug_gen)
+        if self.cfg.augment and x.ndim == 4:
+            x = random_crop_flip(x, self.cfg.pad, crop=self.cfg.augment == "crop_flip", generator=self.aug_gen, fill=self.pad_value)
         return x, self.train.y[idx]
 
     def train_epoch(self) -> dict:
@@ -296,7 +315,8 @@ def _result(tr: Trainer) -> FitResult:
         diag = {k: torch.stack(v) for k, v in tr.diag.items()} | {"is_noisy": tr.is_noisy.cpu() if tr.is_noisy is not None else None}
     return FitResult(best_epoch=tr.best["epoch"], val_acc=tr.best["val_acc"], test_acc=tr.best["test_acc"], last_val_acc=h["val_acc"],
                      last_test_acc=h.get("test_acc", float("nan")), epochs_run=len(tr.history), train_seconds=sum(e["seconds"] for e in tr.history),
-                     history=tr.history, best_state=tr.best["state"], best_method_state=tr.best.get("method_state"), diagnostics=diag)
+                     history=tr.history, best_state=tr.best["state"], best_method_state=tr.best.get("method_state"), diagnostics=diag,
+                     selection=tr.method.selection_rule(tr) + (f", patience {tr.cfg.patience}" if tr.cfg.patience else ""))
 
 def fit(model: nn.Module, train: LabeledData, val: LabeledData, test: LabeledData | None = None, method: Method | str | None = None,
         cfg: TrainConfig | None = None, is_noisy: torch.Tensor | None = None, ckpt: str | Path | None = None) -> FitResult:
