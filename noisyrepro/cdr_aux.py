@@ -15,7 +15,7 @@ from .train import Method, TrainConfig, register_method
 __all__ = ['CDR_RULES', 'AUX_LOSSES', 'REPORT_METHODS', 'REPORT_NOISE_TYPES', 'REPORT_NOISES', 'cdr_parameters', 'criticality',
            'num_critical', 'critical_masks', 'cdr_mask_gradients', 'drop_momentum', 'CDR', 'per_example_loss',
            'rdi_penalty', 'kernel_ridge_weights', 'aux_min_norm', 'kernel_ridge_predict', 'AUX', 'RDI', 'SGD', 'CDRAUX',
-           'CDRRDI', 'report_config', 'noise_options', 'matched_rdi_lamb', 'method_hparams']
+           'CDRRDI', 'report_config', 'noise_options', 'matched_rdi_lamb', 'method_hparams', 'paired_gap']
 
 # %% ../nbs/08_cdr_aux.ipynb #f0c8008c
 def cdr_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -210,3 +210,17 @@ def method_hparams(method: str, noise: float, lamb: float, rdi_lamb: float, tau:
     if method.endswith("AUX"): hp |= {"lamb": lamb, "aux_lr": aux_lr}
     if method.endswith("RDI"): hp |= {"lamb": rdi_lamb}
     return hp
+
+# %% ../nbs/08_cdr_aux.ipynb #1a0f0803
+def paired_gap(a, b, z: float = 2.0) -> dict:
+    """Gap mean(a − b) of two methods' per-seed accuracies paired by seed (dicts keyed by seed, or equal-length lists in seed
+    order), its standard error sd(a − b)/√n, and the verdict 'above noise' (|gap| > z·s.e.) or 'within noise'; n = 1: no estimate."""
+    if not hasattr(a, "keys") and not hasattr(b, "keys") and len(a) != len(b):
+        raise ValueError(f"lists of {len(a)} and {len(b)} accuracies; pass equal-length lists in seed order, or dicts keyed by seed")
+    a, b = (dict(x) if hasattr(x, "keys") else dict(enumerate(x)) for x in (a, b))
+    seeds = sorted(a.keys() & b.keys())
+    if not seeds: raise ValueError("no common seeds; pass per-seed accuracies as dicts keyed by seed, or lists in the same seed order")
+    d = [float(a[s]) - float(b[s]) for s in seeds]; n = len(d); gap = sum(d) / n     # d_s = a_s − b_s
+    se = math.sqrt(sum((x - gap) ** 2 for x in d) / (n - 1) / n) if n > 1 else math.nan  # sd(d)/√n
+    verdict = "one seed: no noise estimate" if n < 2 else "above noise" if abs(gap) > z * se else "within noise"
+    return {"gap": gap, "se": se, "n": n, "verdict": verdict}

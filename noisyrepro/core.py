@@ -4,16 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #93946eb3
 from __future__ import annotations
-import csv, hashlib, io, json, os, platform, random, subprocess, sys, tempfile, time, warnings
+import csv, dataclasses, hashlib, io, json, os, platform, random, subprocess, sys, tempfile, time, warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['VALID_DEVICES', 'DIRTY_TREE', 'seed_everything', 'get_device', 'device_name', 'config_key', 'run_dir', 'outputs_dir',
            'atomic_write_bytes', 'atomic_write_text', 'read_rows', 'append_row', 'sha256_file', 'tensor_sha256',
-           'git_commit', 'package_versions', 'provenance', 'write_provenance', 'Timer', 'in_test']
+           'git_commit', 'package_versions', 'provenance', 'write_provenance', 'Choice', 'Number', 'Rule',
+           'check_params', 'out_name', 'parameter_defaults', 'Timer', 'in_test']
 
 # %% ../nbs/00_core.ipynb #0f09ad7e
 def seed_everything(seed: int) -> torch.Generator:
@@ -71,12 +73,17 @@ def outputs_dir(name: str, start: str | Path | None = None) -> Path:
     return root / "outputs" / name
 
 # %% ../nbs/00_core.ipynb #7d827683
+def _umask() -> int:
+    "The process umask (read by setting and restoring it)."
+    m = os.umask(0o022); os.umask(m); return m
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (temporary file in the same folder, then `os.replace`)."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())                      # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
@@ -162,6 +169,100 @@ def write_provenance(out_dir: str | Path, params: dict, device: str | torch.devi
         if require_clean: raise RuntimeError(f"refusing to write {Path(out_dir) / 'provenance.json'}: git_commit={prov['git_commit']!r}; {DIRTY_TREE}")
         warnings.warn(f"provenance of {out_dir}: git_commit={prov['git_commit']!r}; {DIRTY_TREE}")
     return atomic_write_text(Path(out_dir) / "provenance.json", json.dumps(prov, indent=1, default=str))
+
+# %% ../nbs/00_core.ipynb #61879052
+def _fmt_options(options) -> str:
+    "Options as a readable list: 'quick', 'paper'."
+    return ", ".join(repr(o) for o in options)
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One of `options`; with `many=True` also a list or tuple of them (an empty list is not allowed)."""
+    options: tuple
+    many: bool = False
+    def error(self, v) -> str | None:
+        "None if `v` is valid, else what is valid."
+        vals = list(v) if self.many and isinstance(v, (list, tuple)) else [v]
+        bad = [x for x in vals if not any(x == o and type(x) is type(o) or (x is None and o is None) for o in self.options)]
+        if vals and not bad: return None
+        return ("one of " if not self.many else "one or a list of ") + _fmt_options(self.options)
+
+@dataclasses.dataclass(frozen=True)
+class Number:
+    """A number with lo ≤ v ≤ hi (strict where `lo_open`/`hi_open`), an integer if `integer`; `none` admits None, `many` a list."""
+    lo: float | None = None
+    hi: float | None = None
+    integer: bool = False
+    lo_open: bool = False
+    hi_open: bool = False
+    none: bool = False
+    many: bool = False
+    def _ok(self, x) -> bool:
+        if x is None: return self.none
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or (self.integer and not float(x).is_integer()) or x != x: return False
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo): return False
+        return not (self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi))
+    def error(self, v) -> str | None:
+        "None if `v` is valid, else what is valid."
+        vals = list(v) if self.many and isinstance(v, (list, tuple)) and v else [v]
+        if all(self._ok(x) for x in vals): return None
+        lo = "" if self.lo is None else f"{self.lo} {'<' if self.lo_open else '<='} "
+        hi = "" if self.hi is None else f" {'<' if self.hi_open else '<='} {self.hi}"
+        what = ("an integer" if self.integer else "a number") + (f" with {lo}x{hi}" if lo or hi else "")
+        return (what if not self.many else f"{what}, or a list of them") + (", or None" if self.none else "")
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Any check: `ok(v)` is True for valid values; `valid` says in words what they are."""
+    ok: Callable
+    valid: str
+    def error(self, v) -> str | None:
+        "None if `v` is valid, else what is valid."
+        try: good = bool(self.ok(v))
+        except Exception: good = False
+        return None if good else self.valid
+
+# %% ../nbs/00_core.ipynb #e0431d0b
+def check_params(namespace: dict, spec: dict, before: set | None = None, extra: list | None = None) -> dict:
+    """Check the parameters in `namespace` against `spec` (name -> rule) all at once; unknown names injected after `before` are errors too.
+
+    `extra` holds cross-parameter checks: callables taking the parameters dict and returning an error string or None.
+    Returns the parameters as a dict; raises one ValueError naming every bad value and the valid ones."""
+    params = {k: namespace[k] for k in spec if k in namespace}
+    errors = [f"  {k}={namespace[k]!r}: valid: {e}" for k, rule in spec.items() if k in namespace and (e := rule.error(namespace[k]))]
+    errors += [f"  {k} is missing from the parameters cell" for k in spec if k not in namespace]
+    if before is not None:
+        unknown = sorted(k for k in set(namespace) - set(before) - set(spec) if not k.startswith("_"))
+        errors += [f"  unknown parameter {k}={namespace[k]!r}; valid parameters: {', '.join(spec)}" for k in unknown]
+    if not errors:
+        for f in extra or []:
+            if (e := f(params)): errors.append(f"  {e}")
+    if errors: raise ValueError("bad papermill parameter(s), nothing was run:\n" + "\n".join(errors))
+    return params
+
+# %% ../nbs/00_core.ipynb #c6decc2e
+def _slug(v) -> str:
+    "A parameter value as a file-name part: lists joined by '-', other characters outside [A-Za-z0-9._+-] dropped."
+    s = "-".join(map(_slug, v)) if isinstance(v, (list, tuple)) else str(v)
+    return "".join(ch for ch in s if ch.isalnum() or ch in "._+-")
+
+def out_name(scale: str, params: dict, defaults: dict, ignore=("scale", "device", "out_dir", "root", "workers")) -> str:
+    "`scale`, then `name-value` for each parameter that differs from `defaults` (e.g. 'quick_noise-0.8'): one folder per configuration."
+    parts = [f"{k}-{_slug(v)}" for k, v in params.items() if k not in ignore and k in defaults and v != defaults[k]]
+    return "_".join([scale, *parts])
+
+# %% ../nbs/00_core.ipynb #fc169d4d
+def parameter_defaults(history: list[str], names) -> dict:
+    "The literal values of the last cell in `history` (IPython's `In`) that assigns every one of `names`: the parameters cell's defaults."
+    import ast
+    for src in reversed(list(history or [])):
+        try: tree = ast.parse(src)
+        except SyntaxError: continue
+        vals = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+        if set(names) <= set(vals):
+            try: return {k: ast.literal_eval(vals[k]) for k in names}
+            except ValueError: continue
+    return {}
 
 # %% ../nbs/00_core.ipynb #2fd6a21e
 class Timer:

@@ -182,7 +182,7 @@ MR_FILES = ["rt-polarity.pos", "rt-polarity.neg"]
 def _read_mr(folder: Path) -> tuple[list[str], list[int]]:
     """MR sentences (latin-1, split on '\\n' only) and labels (1 = positive, 0 = negative)."""
     missing = [f for f in MR_FILES if not (folder / f).exists()]
-    if missing: raise DatasetNotFound("mr", missing, folder, "Copy rt-polarity.pos and rt-polarity.neg (sentence polarity v1.0, Pang & Lee 2005) there, e.g. from shared/data/MR.")
+    if missing: raise DatasetNotFound("mr", missing, folder, "Copy rt-polarity.pos and rt-polarity.neg (sentence polarity v1.0, Pang & Lee 2005) there.")
     sents, labels = [], []
     for f, lab in zip(MR_FILES, [1, 0]):
         lines = (folder / f).read_bytes().decode("latin-1").split("\n")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_limit.ipynb #b295106b
 from __future__ import annotations
-import copy, itertools, math, warnings
+import copy, functools, itertools, math, warnings
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -275,7 +275,7 @@ class LIMIT(Method):
 register_method("LIMIT")(LIMIT)
 for _d in _DISTS:
     for _s in (True, False):
-        register_method(f"LIMIT_{_d[0].upper()}{'+' if _s else '-'}S")(lambda _d=_d, _s=_s, **kw: LIMIT(dist=_d, sample=_s, **kw))
+        register_method(f"LIMIT_{_d[0].upper()}{'+' if _s else '-'}S")(functools.partial(LIMIT, dist=_d, sample=_s))
 
 # %% ../nbs/05_limit.ipynb #3986cbc0
 def soft_reg_penalties(z: Tensor, logits: Tensor, q_logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

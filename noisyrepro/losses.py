@@ -235,8 +235,8 @@ class GradNoise(Method):
     def load_state_dict(self, sd): self.gen.set_state(sd["gen"])
     def hparams(self): return {"sigma": self.sigma}
 
-register_method("CE+GN")(lambda **kw: GradNoise(dist="gaussian", **kw))
-register_method("CE+LN")(lambda **kw: GradNoise(dist="laplace", **kw))
+register_method("CE+GN")(partial(GradNoise, dist="gaussian"))      # partials keep the keywords visible to get_method
+register_method("CE+LN")(partial(GradNoise, dist="laplace"))
 
 # %% ../nbs/04a_baselines.ipynb #ad6d3e9a
 @register_method("FW")

@@ -119,11 +119,19 @@ def _check_one_config(df: pd.DataFrame, by: list):
 
 # %% ../nbs/04b_results.ipynb #a21a7e1a
 def summarize(df: pd.DataFrame, by=DEFAULT_BY, metric: str = "test_acc") -> pd.DataFrame:
-    """Mean, sample std (ddof=1, NaN for one seed) and seed count `n` of `metric` per group; accuracies in percent."""
+    """Mean, sample std (ddof=1, NaN for one seed) and seed count `n` of `metric` per group, accuracies in percent; diverged runs are left out and counted."""
     by = [by] if isinstance(by, str) else list(by)
     missing = [c for c in [*by, metric] if c not in df.columns]
     if missing: raise ValueError(f"column(s) {', '.join(missing)} not in the results; available columns: {', '.join(map(str, df.columns))}")
     _check_one_config(df, by)
+    if "status" in df.columns:                                   # a diverged run is a failure, not a 10% result
+        failed = ~df.status.map(lambda s: _blank(s) or str(s) == "ok")
+        if failed.any():
+            counts = df[failed].groupby(by, dropna=False, sort=False).size().rename("n_diverged").reset_index()
+            out = summarize(df[~failed].drop(columns="status"), by, metric) if (~failed).any() else pd.DataFrame(columns=[*by, "mean", "std", "n"])
+            out = counts.merge(out, on=by, how="outer") if len(out) else counts.assign(mean=np.nan, std=np.nan, n=0)
+            out["n_diverged"] = out.n_diverged.fillna(0).astype(int); out["n"] = out.n.fillna(0).astype(int)
+            return out[[c for c in out.columns if c != "n_diverged"] + ["n_diverged"]]
     x = _to_numeric(df[metric], "float", metric) * (100 if metric in ACC_COLUMNS else 1)  # fractions -> percent
     g = x.groupby([df[c] for c in by], dropna=False, sort=False)
     out = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()}).reset_index()
@@ -201,7 +209,7 @@ def compare(ours: pd.DataFrame, paper: pd.DataFrame, on=DEFAULT_BY, paper_metric
     if method_map and "method" in on: ours = ours.assign(method=ours.method.replace(method_map))
     ok, pk = _keys(ours, on), _keys(paper, on)
     _check_unique(ok, "ours", on); _check_unique(pk, "paper", on)
-    extra = [c for c in CAPTION_COLUMNS if c in ours.columns]
+    extra = [c for c in (*CAPTION_COLUMNS, "n_diverged") if c in ours.columns]
     O = ours[["mean", "std", "n", *extra]].rename(columns={"mean": "ours_mean", "std": "ours_std", "n": "ours_n"}).assign(_key=ok)
     P = paper[[*on, "mean", *[c for c in ("std", "note") if c in paper.columns]]].rename(columns={"mean": "paper_mean", "std": "paper_std"}).assign(_key=pk)
     only = ~ok.isin(set(pk))
@@ -209,7 +217,9 @@ def compare(ours: pd.DataFrame, paper: pd.DataFrame, on=DEFAULT_BY, paper_metric
                      ours[only][on].assign(_key=ok[only]).merge(O, on="_key")],  # settings the paper does not report
                     ignore_index=True).drop(columns="_key")
     out["diff"] = out.ours_mean - out.paper_mean                                  # Δ = ours − paper (points)
-    out["ours"] = [f"{_fmt(m, s, digits)} (n={int(n)})" if not _blank(m) else "not run" for m, s, n in zip(out.ours_mean, out.ours_std, out.ours_n)]
+    nd = out["n_diverged"] if "n_diverged" in out.columns else pd.Series(0, index=out.index)
+    out["ours"] = [(f"{_fmt(m, s, digits)} (n={int(n)}" + (f", {int(k)} diverged" if not _blank(k) and k > 0 else "") + ")") if not _blank(m)
+                   else (f"diverged ({int(k)})" if not _blank(k) and k > 0 else "not run") for m, s, n, k in zip(out.ours_mean, out.ours_std, out.ours_n, nd)]
     out["paper"] = [_fmt(m, s, digits) if not _blank(m) else "not in paper" for m, s in zip(out.paper_mean, out.get("paper_std", pd.Series(np.nan, index=out.index)))]
     return out
 
@@ -290,13 +300,23 @@ def render_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str,
     return md, png
 
 # %% ../nbs/04b_results.ipynb #f6207dac
-import dataclasses
+import dataclasses, sys, warnings
 import torch
-from .core import config_key, device_name, git_commit
+from .core import atomic_write_bytes, config_key, device_name, git_commit
+
+def _log_run(what: str, method: str, hparams: dict, cfg, key: str, row: dict | None = None, res=None):
+    "One line on stderr per run (papermill shows it with --log-output): what happened, the method, seed, accuracy, seconds."
+    acc = "" if row is None else f" test {float(row['test_acc']):.3f}" + (f" ({row['status']})" if row.get("status", "ok") not in ("ok", "") else "")
+    secs = "" if res is None else f" in {res.train_seconds:.0f} s"
+    hp = ", ".join(f"{k}={v}" for k, v in hparams.items())
+    print(f"[noisyrepro] {what} {method}({hp}) seed {cfg.seed}, run {key}:{acc}{secs}", file=sys.stderr, flush=True)
 
 def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: str, hparams: dict | None = None, cfg=None,
-                   keep_state: bool = False, **fit_kw) -> tuple[dict, "object | None"]:
-    """Train `method` on `splits` (a `NoisySplits`) unless results.csv already has this configuration; return (row, FitResult or None)."""
+                   keep_state: bool = False, keep_result: bool = False, **fit_kw) -> tuple[dict, "object | None"]:
+    """Train `method` on `splits` (a `NoisySplits`) unless results.csv already has this configuration; return (row, FitResult or None).
+
+    `keep_state` saves the best model state (`best_state`); `keep_result` saves the whole FitResult (history, states) so that a
+    finished run returns it again instead of None (figures built from training curves resume like tables)."""
     from noisyrepro.train import TrainConfig, fit, get_method
     cfg, hparams = cfg or TrainConfig(), dict(hparams or {})
     plain_hp = {k: v for k, v in hparams.items() if not isinstance(v, (dict, torch.Tensor))}      # states are not hyper-parameters
@@ -304,17 +324,30 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
             "noise_seed": splits.train_noise.seed, "labels_sha256": splits.train_noise.sha256}
     key, out_dir = config_key(full), Path(out_dir)
     run = out_dir / "runs" / key
-    if is_done(out_dir, key): return next(r for r in read_rows(out_dir / RESULTS_FILE) if r["run_key"] == key), None
+    if is_done(out_dir, key):
+        row = next(r for r in read_rows(out_dir / RESULTS_FILE) if r["run_key"] == key)
+        res = torch.load(run / "result.pt", weights_only=False) if keep_result and (run / "result.pt").exists() else None
+        _log_run("skipped (recorded)", method, plain_hp, cfg, key, row)
+        if not keep_result or res is not None: return row, res
+        warnings.warn(f"run {key} is recorded but its result.pt is missing; training it again to rebuild the figure data")
     run.mkdir(parents=True, exist_ok=True)
+    if (run / "ckpt.pt").exists(): _log_run("resuming", method, plain_hp, cfg, key)
     res = fit(model_fn(), splits.train, splits.val, splits.test, get_method(method, **hparams), cfg,
               is_noisy=splits.train_noise.is_noisy, ckpt=run / "ckpt.pt", **fit_kw)
     if keep_state: torch.save(res.best_state, run / "best.pt")
+    if keep_result: _save_result(run / "result.pt", dataclasses.replace(res, diagnostics=None))
     row = {**meta, "method": method, "hparams": plain_hp, "seed": cfg.seed, **res.row(), "n_train": len(splits.train),
            "lr": cfg.lr, "noise_rate": round(splits.train_noise.rate, 5), "epochs_run": res.epochs_run, "device": device_name(cfg.device),
            "git_commit": git_commit(Path(__file__).parent if "__file__" in globals() else "."), "run_key": key}
-    record_result(out_dir, row)
+    if is_done(out_dir, key): row = next(r for r in read_rows(out_dir / RESULTS_FILE) if r["run_key"] == key)   # recorded meanwhile
+    else: record_result(out_dir, row)
+    _log_run("finished", method, plain_hp, cfg, key, row, res)
     (run / "ckpt.pt").unlink(missing_ok=True)                   # the row is the record; keep disk use small
     return row, res
+
+def _save_result(path: Path, res) -> None:
+    "torch.save a FitResult atomically."
+    buf = io.BytesIO(); torch.save(res, buf); atomic_write_bytes(path, buf.getvalue())
 
 def best_state(out_dir: str | Path, key: str) -> dict:
     """The best model state a finished `run_experiment(..., keep_state=True)` saved."""

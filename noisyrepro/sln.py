@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_sln.ipynb #d00953ec
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, functools, math
 from statistics import NormalDist
 import torch
 import torch.nn as nn
@@ -185,9 +185,9 @@ class SLN(Method):
     def hparams(self):
         return {"sigma": self.sigma} | ({"correction": self.correction, "hard": self.hard, "scheme": self.scheme} if self.correction is not None else {})
 
-register_method("SLN")(lambda **kw: SLN(**kw))
-register_method("SLN-MO")(lambda **kw: SLN(momentum=True, **kw))
-register_method("SLN-MO-LC")(lambda correction=250, **kw: SLN(momentum=True, correction=correction, **kw))
+register_method("SLN")(SLN)
+register_method("SLN-MO")(functools.partial(SLN, momentum=True))
+register_method("SLN-MO-LC")(functools.partial(SLN, momentum=True, correction=250))
 
 # %% ../nbs/06_sln.ipynb #cfafd995
 class ParamNoise(Method):

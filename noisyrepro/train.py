@@ -4,24 +4,28 @@
 
 # %% ../nbs/04_train.ipynb #79c1513f
 from __future__ import annotations
-import copy, dataclasses, importlib, io, math, os, sys, time, warnings
+import copy, dataclasses, functools, importlib, inspect, io, math, os, re, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import Timer, atomic_write_bytes, config_key, get_device, in_test, seed_everything
+from .core import VALID_DEVICES, Timer, atomic_write_bytes, config_key, get_device, in_test, seed_everything
 from .data import LabeledData, NORMALIZATION, load_dataset, normalize, split_train_val, subsample, to_device
 from .noise import NoisyLabels, corrupt_labels
 
 # %% auto #0
-__all__ = ['PAD_FILLS', 'METHODS', 'TrainConfig', 'random_crop_flip', 'Method', 'register_method', 'get_method', 'pad_value',
-           'predict_logits', 'predict_proba', 'accuracy', 'EMA', 'FitResult', 'Trainer', 'fit', 'NoisySplits',
-           'noisy_splits']
+__all__ = ['PAD_FILLS', 'METHODS', 'TrainConfig', 'random_crop_flip', 'Method', 'register_method', 'get_method',
+           'method_keywords', 'pad_value', 'predict_logits', 'predict_proba', 'accuracy', 'EMA', 'FitResult', 'Trainer',
+           'fit', 'NoisySplits', 'noisy_splits']
 
 # %% ../nbs/04_train.ipynb #7e10ae96
 PAD_FILLS = ("black", "mean")
+
+def _valid_device(device) -> bool:
+    "True for the device names `get_device` understands ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'), present here or not."
+    return isinstance(device, torch.device) or (isinstance(device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None)
 
 @dataclass
 class TrainConfig:
@@ -59,6 +63,8 @@ class TrainConfig:
             if val not in valid: raise ValueError(f"unknown {name}={val!r}; valid: {', '.join(map(repr, valid))}")
         if self.epochs < 1 or self.batch_size < 1: raise ValueError(f"epochs={self.epochs} and batch_size={self.batch_size} must be positive")
         if self.ema is not None and not 0 < self.ema < 1: raise ValueError(f"ema={self.ema} must be in (0, 1)")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0): raise ValueError(f"lr={self.lr!r}; valid: a finite number > 0")
+        if not _valid_device(self.device): raise ValueError(f"unknown device={self.device!r}; valid devices: {', '.join(VALID_DEVICES)}")
 
 # %% ../nbs/04_train.ipynb #3900f198
 def random_crop_flip(x: torch.Tensor, pad: int = 4, crop: bool = True, flip: bool = True, generator: torch.Generator | None = None,
@@ -116,7 +122,26 @@ def get_method(name: str, **hparams) -> Method:
         except ModuleNotFoundError as e:
             if e.name != m: raise
     if name not in METHODS: raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name](**hparams)
+    valid = method_keywords(METHODS[name])
+    bad = sorted(set(hparams) - set(valid)) if valid is not None else []
+    if bad: raise ValueError(f"method {name!r} got unexpected keyword(s) {', '.join(bad)}; valid keywords: {', '.join(valid) or '(none)'}")
+    try: return METHODS[name](**hparams)
+    except TypeError as e:
+        if "keyword" not in str(e) and "argument" not in str(e): raise
+        raise ValueError(f"method {name!r}: {e}; valid keywords: {', '.join(valid) if valid else 'see help(get_method' + repr((name,)) + ')'}") from None
+
+def method_keywords(factory) -> list[str] | None:
+    "The keywords a method factory takes: a class's named `__init__` arguments along its MRO, a partial's, a function's; None if open (**kw)."
+    if isinstance(factory, functools.partial):
+        inner = method_keywords(factory.func)
+        return None if inner is None else inner[len(factory.args):]          # its fixed keywords may still be overridden
+    fns = [c.__dict__["__init__"] for c in factory.__mro__ if "__init__" in c.__dict__ and c is not object] if inspect.isclass(factory) else [factory]
+    names = []
+    for fn in fns:
+        ps = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+        if not inspect.isclass(factory) and any(p.kind == p.VAR_KEYWORD for p in ps): return None
+        names += [p.name for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+    return names
 
 # %% ../nbs/04_train.ipynb #53db9260
 def _prep(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -183,9 +208,10 @@ class FitResult:
     best_method_state: dict | None = None  # the method's state at best_epoch (e.g. LIMIT's gradient predictor q)
     diagnostics: dict | None = None  # cfg.record: per-epoch per-example 'loss' and 'p_label' (E×N float16), 'is_noisy'
     selection: str = ""              # the rule that picked best_epoch (e.g. 'max noisy-val acc (first of ties)')
+    status: str = "ok"               # "ok", or "diverged" (NaN/inf loss or weights: stopped, never averaged into a table)
     def row(self) -> dict:
         "The fields results.csv needs."
-        return {k: getattr(self, k) for k in ("best_epoch", "val_acc", "test_acc", "last_test_acc", "train_seconds", "selection")}
+        return {k: getattr(self, k) for k in ("best_epoch", "val_acc", "test_acc", "last_test_acc", "train_seconds", "selection", "status")}
 
 # %% ../nbs/04_train.ipynb #d4fece68
 def _interactive() -> bool:
@@ -230,7 +256,7 @@ class Trainer:
         self.model = model.to(self.device)
         if cfg.channels_last and self.device.type == "cuda": self.model = self.model.to(memory_format=torch.channels_last)
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
-        self.epoch, self.step = 0, 0
+        self.epoch, self.step, self.status = 0, 0, "ok"
         method.setup(self)
         self.optimizer = _optimizer([p for p in self.model.parameters() if p.requires_grad] + list(method.extra_parameters()), cfg)
         self.scheduler = _scheduler(self.optimizer, cfg)
@@ -290,7 +316,7 @@ def _checkpoint(tr: Trainer, done: bool) -> dict:
             "model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
             "ema": tr.ema.model.state_dict() if tr.ema else None, "method_state": tr.method.state_dict(),
             "history": tr.history, "best": tr.best, "diag": tr.diag, "order_gen": tr.order_gen.get_state(),
-            "aug_gen": tr.aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "aug_gen": tr.aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "status": tr.status,
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 def _save(path: Path, ckpt: dict):
@@ -304,9 +330,15 @@ def _restore(tr: Trainer, ck: dict):
     tr.method.load_state_dict(ck["method_state"])
     tr.epoch, tr.step, tr.history, tr.best, tr.diag = ck["epoch"], ck["step"], ck["history"], ck["best"], ck["diag"]
     tr.order_gen.set_state(ck["order_gen"]); tr.aug_gen.set_state(ck["aug_gen"]); torch.set_rng_state(ck["torch_rng"])
+    tr.status = ck.get("status", "ok")
     if ck["cuda_rng"] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(ck["cuda_rng"])
 
 # %% ../nbs/04_train.ipynb #7db444ee
+def _diverged(tr: Trainer, h: dict) -> bool:
+    "True when the epoch's mean training loss, or any weight of the model, is NaN or infinite (one host sync per epoch)."
+    if not math.isfinite(h["train_loss"]): return True
+    return not bool(torch.stack([p.detach().isfinite().all() for p in tr.model.parameters()]).all())
+
 def _result(tr: Trainer) -> FitResult:
     """The `FitResult` of a trainer's history."""
     h = tr.history[-1]
@@ -316,7 +348,7 @@ def _result(tr: Trainer) -> FitResult:
     return FitResult(best_epoch=tr.best["epoch"], val_acc=tr.best["val_acc"], test_acc=tr.best["test_acc"], last_val_acc=h["val_acc"],
                      last_test_acc=h.get("test_acc", float("nan")), epochs_run=len(tr.history), train_seconds=sum(e["seconds"] for e in tr.history),
                      history=tr.history, best_state=tr.best["state"], best_method_state=tr.best.get("method_state"), diagnostics=diag,
-                     selection=tr.method.selection_rule(tr) + (f", patience {tr.cfg.patience}" if tr.cfg.patience else ""))
+                     selection=tr.method.selection_rule(tr) + (f", patience {tr.cfg.patience}" if tr.cfg.patience else ""), status=tr.status)
 
 def fit(model: nn.Module, train: LabeledData, val: LabeledData, test: LabeledData | None = None, method: Method | str | None = None,
         cfg: TrainConfig | None = None, is_noisy: torch.Tensor | None = None, ckpt: str | Path | None = None) -> FitResult:
@@ -336,11 +368,18 @@ def fit(model: nn.Module, train: LabeledData, val: LabeledData, test: LabeledDat
     while tr.epoch < cfg.epochs:
         with Timer() as t:
             h = {"epoch": tr.epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"]} | tr.train_epoch()
-            h["val_acc"] = accuracy(tr.eval_model, tr.val, cfg)
-            if tr.test is not None: h["test_acc"] = accuracy(tr.eval_model, tr.test, cfg)
-            if tr.ema and tr.test is not None: h["raw_test_acc"] = accuracy(tr.model, tr.test, cfg)
-            if cfg.record: h |= tr.record_examples()
+            diverged = _diverged(tr, h)
+            if not diverged:
+                h["val_acc"] = accuracy(tr.eval_model, tr.val, cfg)
+                if tr.test is not None: h["test_acc"] = accuracy(tr.eval_model, tr.test, cfg)
+                if tr.ema and tr.test is not None: h["raw_test_acc"] = accuracy(tr.model, tr.test, cfg)
+                if cfg.record: h |= tr.record_examples()
         h["seconds"] = t.seconds; tr.history.append(h); tr.epoch += 1
+        if diverged:                                            # NaN/inf: stop, and say so; the row is never a result
+            tr.status = "diverged"; h["val_acc"] = float("nan")
+            warnings.warn(f"{method!r} diverged in epoch {tr.epoch} (train loss {h['train_loss']}); stopped, recorded with status 'diverged'")
+            if ckpt: _save(ckpt, _checkpoint(tr, done=True))
+            break
         if h["val_acc"] > tr.best["val_acc"]:
             tr.best = {"val_acc": h["val_acc"], "epoch": tr.epoch, "test_acc": h.get("test_acc", float("nan")), "state": _state_cpu(tr.eval_model),
                        "method_state": _to_cpu(tr.method.state_dict())}

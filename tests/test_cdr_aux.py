@@ -8,7 +8,10 @@ from noisyrepro.data import LabeledData
 from noisyrepro.train import Trainer, TrainConfig, fit, get_method
 from noisyrepro.cdr_aux import (AUX, CDR, CDRAUX, CDRRDI, RDI, SGD, aux_min_norm, cdr_mask_gradients, cdr_parameters, criticality,
                                 critical_masks, drop_momentum, kernel_ridge_predict, kernel_ridge_weights, matched_rdi_lamb,
-                                method_hparams, noise_options, num_critical, per_example_loss, rdi_penalty, report_config)
+                                method_hparams, noise_options, num_critical, paired_gap, per_example_loss, rdi_penalty, report_config)
+from noisyrepro.data import normalize, subsample
+from noisyrepro.models import get_model
+from noisyrepro.train import noisy_splits
 
 
 def _mlp(seed=0):
@@ -173,3 +176,100 @@ def test_protocol_helpers():
     assert method_hparams("CDR", 0.4, 10.0, 18.0, tau=0.3, rule="paper") == {"tau": 0.3, "rule": "paper"}
     assert method_hparams("AUX", 0.4, 10.0, 18.0, aux_lr=0.1) == {"lamb": 10.0, "aux_lr": 0.1}
     with pytest.raises(ValueError, match="valid methods: SGD, CDR, AUX, CDR\\+AUX, RDI, CDR\\+RDI"): method_hparams("CE", 0.4, 1.0, 1.0)
+
+
+# --- CDR and AUX on one real MNIST batch: LeNet, the report's training configuration (fp32 SGD, lr 0.01, momentum 0.9, wd 1e-3)
+
+@pytest.fixture(scope="module")
+def mnist_batch():
+    "32 images of mnist5k with pairflip-40% labels (the offline MNIST subset, always available)."
+    return subsample(noisy_splits("mnist5k", "pairflip", 0.4, val=0.1, seed=1, noise_first=True).train, 32, seed=0)
+
+
+def _trace(method, data, steps=2, seed=1):
+    "Per step (one batch = one step per epoch): weights before/after, raw loss gradients (hook, before masking), momentum buffers, CDR masks."
+    tr = Trainer(get_model("lenet", 10, seed=seed), data, data, None, method, report_config(epochs=steps, seed=seed, device="cpu", progress=False))
+    ps, grads, out = list(tr.model.parameters()), {}, []
+    hooks = [p.register_hook(lambda g, i=i: grads.__setitem__(i, g.detach().clone())) for i, p in enumerate(ps)]
+    for _ in range(steps):
+        bufs = [tr.optimizer.state.get(p, {}).get("momentum_buffer") for p in ps]
+        st = {"before": [p.detach().clone() for p in ps], "buf": [torch.zeros_like(p) if b is None else b.clone() for p, b in zip(ps, bufs)]}
+        tr.train_epoch()
+        ranked = {id(p): m.clone() for p, m in zip(getattr(tr.method, "params", []), getattr(tr.method, "masks", None) or [])}
+        st |= {"after": [p.detach().clone() for p in ps], "grad": [grads[i] for i in range(len(ps))], "mask": [ranked.get(id(p)) for p in ps]}
+        if isinstance(tr.method, AUX): st["b"] = tr.method.b.clone()
+        out.append(st)
+    for h in hooks: h.remove()
+    return out
+
+
+def _update_error(st, tau=0.0, rule="code", masks=None):
+    "Max |Δw − (−η(μ·k·buf + s·g + λw))|: s = (1−τ)·mask on ranked weights, k = mask under the paper rule, else 1."
+    c, err = report_config(), {"critical": 0.0, "non-critical": 0.0, "unranked": 0.0}
+    for w0, w1, g, buf, m in zip(st["before"], st["after"], st["grad"], st["buf"], masks or st["mask"]):
+        w0, w1, g, buf = (t.double() for t in (w0, w1, g, buf))
+        s, k = (1.0, 1.0) if m is None else (m * (1 - tau), m.double() if rule == "paper" else 1.0)
+        e = (w1 - w0 + c.lr * (c.momentum * k * buf + s * g + c.weight_decay * w0)).abs()
+        if m is None: err["unranked"] = max(err["unranked"], e.max().item())
+        else:
+            for t, sel in (("critical", m), ("non-critical", ~m)):
+                if sel.any(): err[t] = max(err[t], e[sel].max().item())
+    return err
+
+
+@pytest.mark.parametrize("rule", ["code", "paper"])
+def test_cdr_step_on_real_batch_is_the_sgd_step_masked(mnist_batch, rule):
+    tau, sgd = 0.4, _trace(get_method("SGD"), mnist_batch)
+    cdr = _trace(get_method("CDR", tau=tau, rule=rule), mnist_batch)
+    assert all(torch.equal(a, b) for a, b in zip(cdr[0]["grad"], sgd[0]["grad"]))       # step 1: SGD's gradient ...
+    for st in cdr:
+        ranked = [(g, w, m) for g, w, m in zip(st["grad"], st["before"], st["mask"]) if m is not None]
+        scores = torch.cat([(g * w).abs().flatten() for g, w, _ in ranked]); k = num_critical(scores.numel(), tau)
+        thr = scores.sort(descending=True).values[k - 1]
+        assert all(torch.equal(m, (g * w).abs() >= thr) for g, w, m in ranked)             # ... masked by the global top-k of |g·w|
+        assert sum(int(m.sum()) for _, _, m in ranked) == k
+        assert max(_update_error(st, tau, rule).values()) < 1e-7                          # Δw = −η(μ k buf + s g + λw), every entry
+    neg = _update_error(sgd[0], tau, rule, masks=cdr[0]["mask"])                          # SGD judged as CDR: what an unmasked CDR does
+    assert neg["critical"] > 1e-5 and neg["non-critical"] > 1e-5
+    step2_as_paper = _update_error(cdr[1], tau, "paper")["non-critical"]
+    assert (step2_as_paper < 1e-7) if rule == "paper" else (step2_as_paper > 1e-6)         # code rule: momentum also moves W_n
+
+
+def test_exact_reductions_to_sgd_and_cdr(mnist_batch):
+    final = lambda tr: tr[-1]["after"]
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(final(a), final(b)))
+    sgd, cdr = _trace(get_method("SGD"), mnist_batch), _trace(get_method("CDR", tau=0.4), mnist_batch)
+    assert same(_trace(get_method("CDR", tau=0.0), mnist_batch), sgd)                    # τ = 0: every weight critical, factor 1
+    assert same(_trace(get_method("AUX", lamb=0.0), mnist_batch), sgd)                   # λ = 0: b never reaches the loss
+    assert same(_trace(get_method("CDR+AUX", tau=0.4, lamb=0.0), mnist_batch), cdr)      # λ = 0: CDR+AUX is CDR
+    assert not same(cdr, sgd) and not same(_trace(get_method("AUX", lamb=10.0), mnist_batch), sgd)
+    assert not any(torch.equal(a, b) for a, b in zip(final(sgd), sgd[0]["before"]))
+
+
+def test_aux_on_real_batch_b_and_gradient(mnist_batch):
+    lamb, lr = 10.0, report_config().lr
+    aux = _trace(get_method("AUX", lamb=lamb), mnist_batch)
+    net, x = get_model("lenet", 10, seed=1), normalize(mnist_batch.x, "mnist")
+    with torch.no_grad():
+        for p, w in zip(net.parameters(), aux[0]["before"]): p.copy_(w)
+        torch.testing.assert_close(aux[0]["b"], -lr * lamb * (net(x).softmax(1) - F.one_hot(mnist_batch.y, 10)), atol=1e-6, rtol=1e-5)
+        for p, w in zip(net.parameters(), aux[1]["before"]): p.copy_(w)
+    def grads(offset):
+        net.zero_grad(); F.cross_entropy(net(x) + offset, mnist_batch.y).backward(); return [p.grad.clone() for p in net.parameters()]
+    with_b, without = grads(lamb * aux[0]["b"]), grads(torch.zeros(()))
+    assert max((a - b).abs().max().item() for a, b in zip(aux[1]["grad"], with_b)) < 1e-6      # the network trains on f + λb
+    assert max((a - b).abs().max().item() for a, b in zip(aux[1]["grad"], without)) > 1e-4
+
+
+def test_paired_gap():
+    g = paired_gap({1: 80.0, 2: 82.0, 3: 81.0}, {1: 70.0, 2: 71.0, 3: 72.5})
+    assert g["gap"] == pytest.approx(29.5 / 3) and g["n"] == 3 and g["verdict"] == "above noise"
+    assert g["se"] == pytest.approx(math.sqrt(sum((d - 29.5 / 3) ** 2 for d in (10, 11, 8.5)) / 2 / 3))
+    assert paired_gap([80, 70, 90], [79, 71, 88])["verdict"] == "within noise"
+    assert paired_gap([60, 80, 70], [59, 79, 69])["verdict"] == "above noise"      # a constant gap under large shared seed noise
+    assert paired_gap([80, 70, 90], [79, 71, 88], z=0.5)["verdict"] == "above noise"
+    one = paired_gap({1: 80.0}, {1: 70.0})
+    assert one["verdict"] == "one seed: no noise estimate" and math.isnan(one["se"])
+    assert paired_gap({1: 80.0, 2: 81.0}, {2: 70.0, 3: 1.0})["n"] == 1
+    with pytest.raises(ValueError, match="no common seeds"): paired_gap({1: 80.0}, {2: 70.0})
+    with pytest.raises(ValueError, match="equal-length lists"): paired_gap([1.0, 2.0], [1.0])

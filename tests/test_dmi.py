@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from noisyrepro.data import LabeledData
-from noisyrepro.limit import dmi_limit_loss
 from noisyrepro.models import get_model
 from noisyrepro.results import best_state, load_results, run_experiment
-from noisyrepro.train import Trainer, TrainConfig, fit, get_method
-from noisyrepro.dmi import (DMI, DMI_PROTOCOL, CEDMI, channel_joint, classifier_joint, dmi, dmi_grad_U, dmi_loss, dmi_matrix,
-                            dmi_method_hparams, dmi_model, dmi_splits, dmi_train_config, hadamard_bound, l_dmi, load_ce_state,
-                            random_joint, random_transition, shannon_mi)
+from noisyrepro.train import Trainer, TrainConfig, fit, get_method, predict_logits
+from noisyrepro.dmi import (DMI, DMI_METHODS, DMI_PROTOCOL, CEDMI, LCCN, channel_joint, classifier_joint, dmi, dmi_grad_U, dmi_loss,
+                            dmi_lr_grid, dmi_matrix, dmi_method_hparams, dmi_model, dmi_search_pick, dmi_splits, dmi_train_config,
+                            hadamard_bound, l_dmi, lccn_transition, load_ce_state, random_joint, random_transition, shannon_mi)
 from test_data import make_synthetic_cifar, _write_jpg
 
 G = lambda s=0: torch.Generator().manual_seed(s)
@@ -31,7 +30,7 @@ def test_dmi_properties_and_relative_invariance():
     torch.testing.assert_close(dmi(Q.transpose(-2, -1)), dmi(Q))
     indep = Q.sum(-1)[:, :, None] * Q.sum(-2)[:, None, :]
     assert dmi(indep).max() < 1e-16 and shannon_mi(indep).abs().max() < 1e-14
-    torch.testing.assert_close(dmi(channel_joint(Q, T)), dmi(Q) * torch.linalg.det(T).abs())      # Lemma 3.5
+    torch.testing.assert_close(dmi(channel_joint(Q, T)), dmi(Q) * torch.linalg.det(T).abs())      # Lemma 3.5 (an identity: guards the helpers)
     assert (torch.linalg.det(T).abs() <= hadamard_bound(T) + 1e-12).all() and (hadamard_bound(T) <= 1 + 1e-12).all()
     perms = torch.stack([torch.eye(3, dtype=torch.float64)[list(p)] for p in itertools.permutations(range(3))])
     torch.testing.assert_close(torch.linalg.det(perms).abs(), torch.ones(6, dtype=torch.float64))
@@ -56,15 +55,34 @@ def test_dmi_matrix_orientation_and_normalisation():
 
 
 # ---------------------------------------------------------------- the loss
-def test_dmi_loss_values_invariance_and_limit_equivalence():
+def _authors_dmi_loss(output, target, num_classes, normalize=False):
+    """The scripts' DMI_loss transcribed line by line (CIFAR-10/DMI.py; fashion/main.py adds the / N); float32, independent of dmi_loss."""
+    outputs = F.softmax(output, dim=1)
+    y_onehot = torch.zeros(target.size(0), num_classes).scatter_(1, target.reshape(target.size(0), 1), 1)
+    mat = y_onehot.transpose(0, 1) @ outputs                      # U = Yᵀ S: rows = noisy label, columns = prediction
+    if normalize: mat = mat / target.size(0)
+    return -1.0 * torch.log(torch.abs(torch.det(mat.float())) + 0.001)
+
+
+def test_dmi_loss_values_and_invariance():
     y = torch.tensor([0, 0, 1, 2, 2, 2]); perfect = 50. * F.one_hot(y, 3).float()
     assert math.isclose(dmi_loss(perfect, y).item(), -math.log(6 + 1e-3), rel_tol=1e-5)
     assert math.isclose(dmi_loss(perfect[:, [1, 2, 0]], y).item(), dmi_loss(perfect, y).item(), rel_tol=1e-6)
     assert math.isclose(dmi_loss(torch.zeros(6, 3), y).item(), -math.log(1e-3), rel_tol=1e-6)
-    a = torch.randn(6, 3, generator=G(4), requires_grad=True); b = a.detach().clone().requires_grad_()
-    dmi_loss(a, y).backward(); dmi_limit_loss(b, y).backward()
-    torch.testing.assert_close(a.grad, b.grad)
     with pytest.raises(ValueError, match="valid: B×C logits and B labels"): dmi_loss(torch.zeros(6, 3), y[:4])
+
+
+@pytest.mark.parametrize("C,B", [(2, 128), (3, 64), (10, 256)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dmi_loss_matches_the_authors_code_in_value_and_gradient(C, B, normalize):
+    """Ours (float64 inside) against the float32 transcription; det(Uᵀ) = det(U), so the transpose does not matter."""
+    g = G(40 + C)
+    for _ in range(3):
+        z = (2 * torch.randn(B, C, generator=g)).requires_grad_(); y = torch.randint(0, C, (B,), generator=g)
+        ours, theirs = dmi_loss(z, y, normalize=normalize, eps=1e-3), _authors_dmi_loss(z, y, C, normalize)
+        g_ours, g_theirs = torch.autograd.grad(ours, z)[0], torch.autograd.grad(theirs, z)[0]
+        assert abs(ours.item() - theirs.item()) <= 1e-5 * max(1.0, abs(theirs.item()))
+        assert (g_ours - g_theirs).abs().max() <= 1e-4 * g_theirs.abs().max()
 
 
 def test_gradient_is_minus_U_inverse_transpose_and_singular_batches_give_zero():
@@ -107,6 +125,14 @@ def test_registry_and_errors(ce):
     with pytest.raises(ValueError, match="valid: patience=None"): _fit(DMI(ce.best_state), patience=1)
     with pytest.raises(ValueError, match="ce_state does not fit"): load_ce_state(get_model("lenet", 2), ce.best_state)
     with pytest.warns(UserWarning, match="random initialisation"): _fit(DMI(), epochs=1)
+    assert repr(DMI(ce.best_state, normalize=True)) == "DMI(normalize=True, eps=0.001, select=loss, init=ce)"   # the fmnist DMI: frozen
+    assert repr(CEDMI()) == "CE-DMI()" and CEDMI().hparams() == {}
+    with pytest.raises(ValueError, match="valid: None"): DMI(val_first=0)
+    with pytest.raises(ValueError, match="valid: the best_state of a trained CE model"): get_method("LCCN-DMI")
+    with pytest.raises(ValueError, match="valid: 'softmax_ce'"): LCCN(ce.best_state, select="loss")
+    with pytest.raises(ValueError, match="valid: 'mean'"): LCCN(ce.best_state, reduction="none")
+    with pytest.raises(ValueError, match="valid: alpha > 0"): LCCN(ce.best_state, alpha=0)
+    with pytest.raises(ValueError, match="valid: batch_size <= len"): _fit(LCCN(ce.best_state), batch_size=128)
 
 
 def test_start_skip_and_optimizer_reset(ce):
@@ -120,22 +146,43 @@ def test_start_skip_and_optimizer_reset(ce):
     assert len(tr.optimizer.state) > 0; tr.method.start_epoch(tr, 1); assert len(tr.optimizer.state) == 0
 
 
+class _Trajectory(DMI):
+    """DMI with its own selection off: the history logs every epoch's own model."""
+    own_selection = False
+
+
 def test_selection_reports_the_selected_epoch(ce):
     r_loss = _fit(DMI(ce.best_state, normalize=True), epochs=3)
     r_acc = _fit(DMI(ce.best_state, normalize=True, select="acc"), epochs=3)
-    assert [h["train_loss"] for h in r_loss.history] == [h["train_loss"] for h in r_acc.history]
-    sel = r_loss.best_method_state["selection"]; scores = dict(sel["scores"])
-    assert sel["epoch"] == max(scores, key=lambda e: (scores[e], -e))
-    acc_at = {0: ce.test_acc} | {h["epoch"]: h["test_acc"] for h in r_acc.history}
-    assert r_loss.test_acc == acc_at[sel["epoch"]]
-    assert all(torch.equal(r_loss.best_state[k], v) for k, v in sel["state"].items())
-    r0 = _fit(DMI(ce.best_state), epochs=2, lr=0.0)                            # nothing improves: the CE model is returned
-    assert r0.best_method_state["selection"]["epoch"] == 0 and r0.test_acc == ce.test_acc
+    r_traj = _fit(_Trajectory(ce.best_state, normalize=True), epochs=3)
+    acc_at = {0: ce.test_acc} | {h["epoch"]: h["test_acc"] for h in r_traj.history}
+    for r in (r_loss, r_acc):
+        assert [h["train_loss"] for h in r.history] == [h["train_loss"] for h in r_traj.history]
+        sel = r.best_method_state["selection"]; scores = dict(sel["scores"])
+        assert list(scores) == [0, 1, 2, 3]                                    # the CE model is a candidate under both rules
+        assert sel["epoch"] == max(scores, key=lambda e: (scores[e], -e))
+        assert r.test_acc == acc_at[sel["epoch"]]
+        assert all(torch.equal(r.best_state[k], v) for k, v in sel["state"].items())
+    np.testing.assert_allclose([s for _, s in r_acc.best_method_state["selection"]["scores"][1:]], [h["val_acc"] for h in r_traj.history], atol=1e-6)
+
+
+def test_start_is_a_candidate_under_both_rules_unless_excluded(ce):
+    for select in ("loss", "acc"):                                             # lr 1e-30 moves no weight: every epoch ties with the CE model
+        r0 = _fit(DMI(ce.best_state, select=select), epochs=2, lr=1e-30)
+        assert r0.best_method_state["selection"]["epoch"] == 0 and r0.test_acc == ce.test_acc
+        assert [e for e, _ in r0.best_method_state["selection"]["scores"]] == [0, 1, 2]
+    rc = _fit(DMI(ce.best_state, select="acc", include_start=False), epochs=2, lr=1e-30)   # Clothing1M: the CE model is not scored
+    assert [e for e, _ in rc.best_method_state["selection"]["scores"]] == [1, 2] and rc.best_method_state["selection"]["epoch"] == 1
+    m = get_model("dmi_fmnist_cnn", 2); m.load_state_dict(ce.best_state)
+    rf = _fit(DMI(ce.best_state, select="acc", val_first=20), epochs=1)
+    acc20 = (predict_logits(m, VA.subset(range(20)), TrainConfig(**CFG)).argmax(1) == VA.y[:20]).float().mean().item()
+    assert math.isclose(rf.best_method_state["selection"]["scores"][0][1], acc20, abs_tol=1e-7)
+    assert "the first 20 validation examples" in rf.selection and DMI(select="acc", val_first=256).hparams()["val_first"] == 256
 
 
 def test_ce_dmi_breaks_ties_towards_the_later_epoch():
-    assert _fit("CE-DMI", epochs=3, lr=0.0).best_method_state["selection"]["epoch"] == 3
-    assert _fit("CE", epochs=3, lr=0.0).best_epoch == 1
+    assert _fit("CE-DMI", epochs=3, lr=1e-30).best_method_state["selection"]["epoch"] == 3
+    assert _fit("CE", epochs=3, lr=1e-30).best_epoch == 1
 
 
 def test_fw_and_gce_start_from_ce_and_score_it(ce):
@@ -144,6 +191,79 @@ def test_fw_and_gce_start_from_ce_and_score_it(ce):
         assert r.best_method_state["selection"]["scores"][0][0] == 0
     tr = Trainer(get_model("dmi_fmnist_cnn", 2, seed=9), TR, VA, TE, get_method("FW-DMI", ce_state=ce.best_state), TrainConfig(**CFG))
     torch.testing.assert_close(tr.method.T.sum(1), torch.ones(2))
+
+
+# ---------------------------------------------------------------- LCCN
+def _three_class(n=60, seed=3):
+    g = G(seed); y = torch.randint(0, 3, (n,), generator=g)
+    return LabeledData(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), y, ["a", "b", "c"], "synthetic", "train")
+
+
+def _lccn_trainer(data, **kw):
+    st = get_model("dmi_fmnist_cnn", 3, seed=1).state_dict()
+    return Trainer(get_model("dmi_fmnist_cnn", 3, seed=0), data, data, None, LCCN(st, **kw), TrainConfig(**(CFG | {"batch_size": 30})))
+
+
+def test_lccn_gibbs_step_samples_the_exact_conditional_and_keeps_counts():
+    d = _three_class(); tr = _lccn_trainer(d, warmup=10**9); m = tr.method
+    C0, z0 = m.C.clone(), m.z.clone()
+    torch.testing.assert_close(C0.sum(0), torch.bincount(d.y, minlength=3).double())   # soft counts: one unit per example
+    idx = torch.arange(0, 60, 2); y = d.y[idx]; a = 1.5 * torch.randn(30, 3, generator=G(8))
+    R, freq = 3000, torch.zeros(30, 3, dtype=torch.float64)
+    for _ in range(R):
+        m.loss(tr, a, y, idx, None); freq[torch.arange(30), m.z[idx]] += 1
+    freq /= R
+    s = a.double().softmax(1)
+    joint = torch.tensor([[s[i, c].item() * m.T_warm[c, y[i]].item() for c in range(3)] for i in range(30)], dtype=torch.float64)
+    exact = joint / joint.sum(1, keepdim=True)                                # Bayes on Pr[z, ỹ | x] = s_z T[z, ỹ]
+    assert ((freq - exact).abs() <= 5 * (exact * (1 - exact) / R).sqrt() + 1e-12).all()
+    hard = lambda z: torch.zeros(3, 3, dtype=torch.float64).index_put_((z, d.y), torch.ones(60, dtype=torch.float64), accumulate=True)
+    torch.testing.assert_close(m.C, C0 - hard(z0) + hard(m.z))
+    torch.testing.assert_close(m.C.sum(0), torch.bincount(d.y, minlength=3).double())   # column sums = noisy-label counts
+    assert m.steps == R
+    assert m.loss(tr, a[:10], y[:10], idx[:10], None).item() == 0 and m.steps == R        # incomplete batch: skipped, not a step
+
+
+@pytest.mark.filterwarnings("ignore:LCCN-DMI")
+def test_lccn_transition_schedule():
+    """From an untrained model the hard moves drive some counts below 0 here; T stays a positive row-stochastic matrix."""
+    d = _three_class(); tr = _lccn_trainer(d, warmup=4, every=3); m = tr.method
+    idx = torch.arange(0, 60, 2); y = d.y[idx]; a = torch.randn(30, 3, generator=G(9))
+    used, snaps = [], []
+    for _ in range(10):
+        snaps.append(m.C.clone()); used.append(m.transition().clone()); m.loss(tr, a, y, idx, None)
+    for k, T in enumerate(used):
+        torch.testing.assert_close(T, m.T_warm if k < 4 else lccn_transition(snaps[3 * (k // 3)]))
+        assert (T > 0).all()
+    assert not torch.allclose(used[9], m.T_warm)
+    torch.testing.assert_close(lccn_transition(torch.tensor([[-3.0, 5.0], [2.0, 2.0]])), torch.tensor([[1 / 7, 6 / 7], [0.5, 0.5]]))   # negative counts as 0
+    m._warned = False; m.C[0, 0] = -5.0; m.steps = 12                       # a refresh step past the warm-up, with a negative count
+    with pytest.warns(UserWarning, match="count below 0"): assert (m.transition() > 0).all()
+
+
+def test_lccn_end_to_end_and_resume(ce, tmp_path):
+    r = _fit(LCCN(ce.best_state, warmup=2, every=2), epochs=3)
+    st = r.best_method_state
+    assert [e for e, _ in st["selection"]["scores"]] == [0, 1, 2, 3] and st["steps"] == 3 * (96 // 32)
+    torch.testing.assert_close(st["C"].sum(0), torch.bincount(TR.y, minlength=2).double())
+    assert "−CE of the softmax outputs" in r.selection and len(st["z"]) == len(TR)
+
+    class Killed(LCCN):
+        def start_epoch(self, tr, epoch):
+            if epoch == 1 and not getattr(self, "resumed", False): raise KeyboardInterrupt
+            super().start_epoch(tr, epoch)
+    ck = tmp_path / "lccn.pt"; cfg = TrainConfig(**(CFG | {"epochs": 3}))
+    with pytest.raises(KeyboardInterrupt): fit(get_model("dmi_fmnist_cnn", 2, seed=0), TR, VA, TE, Killed(ce.best_state, warmup=2, every=2), cfg, ckpt=ck)
+    k = Killed(ce.best_state, warmup=2, every=2); k.resumed = True
+    res = fit(get_model("dmi_fmnist_cnn", 2, seed=0), TR, VA, TE, k, cfg, ckpt=ck)
+    assert [h["train_loss"] for h in res.history] == [h["train_loss"] for h in r.history]
+    for key in ("z", "C", "T", "steps"): assert torch.equal(torch.as_tensor(res.best_method_state[key]), torch.as_tensor(st[key]))
+    mr = _fit(LCCN(ce.best_state, select="acc", reduction="sum", warmup=1000, every=100), epochs=1)   # MR's variant
+    m = get_model("dmi_fmnist_cnn", 2); m.load_state_dict(ce.best_state)
+    start_acc = (predict_logits(m, VA, TrainConfig(**CFG)).argmax(1) == VA.y).float().mean().item()
+    assert mr.best_method_state["selection"]["scores"][0] == (0, pytest.approx(start_acc, abs=1e-7))
+    assert repr(LCCN(ce.best_state, select="acc", reduction="sum", warmup=1000, every=100)) == \
+        "LCCN-DMI(alpha=1.0, warmup=1000, every=100, select=acc, init=ce, reduction=sum)"
 
 
 # ---------------------------------------------------------------- splits and the protocol
@@ -174,10 +294,11 @@ def test_cifar10_protocol_end_to_end_on_synthetic_files(tmp_path, monkeypatch):
     small = lambda: dmi_model("cifar10", sp, num_blocks=(1, 1, 1, 1))              # a ResNet-10 keeps the test fast
     ce_row, _ = run_experiment(out, meta_row, small, sp, "CE-DMI", {}, cfg("CE-DMI"), keep_state=True)
     st = best_state(out, ce_row["run_key"])
-    for m in ("FW-DMI", "GCE-DMI", "DMI"):
+    for m in DMI_PROTOCOL["cifar10"]["methods"][1:]:
         run_experiment(out, meta_row | {"init_run": ce_row["run_key"]}, small, sp, m, dmi_method_hparams("cifar10", m, st), cfg(m))
     df = load_results(out)
-    assert list(df.method) == ["CE-DMI", "FW-DMI", "GCE-DMI", "DMI"] and (df.init_run.iloc[1:] == ce_row["run_key"]).all()
+    assert list(df.method) == ["CE-DMI", "FW-DMI", "GCE-DMI", "LCCN-DMI", "DMI"] and (df.init_run.iloc[1:] == ce_row["run_key"]).all()
+    assert "starting weights (epoch 0) a candidate" in df.set_index("method").loc["DMI", "selection"]     # CIFAR-10/DMI.py scores the CE model
 
 
 def test_dogs_vs_cats_and_clothing1m_paths_on_synthetic_images(tmp_path):
@@ -198,3 +319,33 @@ def test_dogs_vs_cats_and_clothing1m_paths_on_synthetic_images(tmp_path):
     assert cl.train.x.shape == (4, 3, 224, 224) and cl.val.y.tolist() == [9, 10] and math.isnan(cl.train_noise.rate)
     assert cl.train_noise.kind == "real" and cl.train_noise.labels is cl.train.y or torch.equal(cl.train_noise.labels, cl.train.y)
     assert dmi_method_hparams("clothing1m", "DMI", {})["select"] == "acc" and dmi_train_config("clothing1m", "DMI").milestones == (5,)
+
+
+def test_protocol_lccn_and_frozen_fmnist():
+    assert DMI_METHODS == ["CE-DMI", "FW-DMI", "GCE-DMI", "LCCN-DMI", "DMI"] and DMI_PROTOCOL["fmnist"]["methods"] == ["CE-DMI", "DMI"]
+    assert "LCCN-DMI" not in DMI_PROTOCOL["dogs_vs_cats"]["methods"] + DMI_PROTOCOL["clothing1m"]["methods"]
+    assert dmi_method_hparams("fmnist", "DMI", {}) == {"ce_state": {}, "normalize": True} and dmi_method_hparams("fmnist", "CE-DMI", {}) == {}
+    assert dmi_train_config("fmnist", "DMI", 2, "cuda") == TrainConfig(epochs=20, batch_size=128, lr=1e-4, normalize="mnist", seed=2, device="cuda", amp=False)
+    assert dmi_train_config("fmnist", "CE-DMI") == TrainConfig(epochs=20, batch_size=128, lr=1e-4, normalize="mnist", seed=0, device="auto", amp=False)
+    lc = dmi_train_config("cifar10", "LCCN-DMI")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lc.lr); sch = torch.optim.lr_scheduler.MultiStepLR(opt, list(lc.milestones), lc.gamma)
+    lrs = []
+    for _ in range(lc.epochs): lrs.append(opt.param_groups[0]["lr"]); opt.step(); sch.step()
+    np.testing.assert_allclose([lrs[0], lrs[39], lrs[40], lrs[80], lrs[119]], [0.5, 0.5, 0.1, 0.1, 0.1])   # 0.01 at 80 is unreachable in LCCN.py
+    assert dmi_method_hparams("cifar10", "LCCN-DMI", {}) == {"ce_state": {}}
+    assert dmi_method_hparams("mr", "LCCN-DMI", {}) == {"ce_state": {}, "warmup": 1000, "every": 100, "select": "acc", "reduction": "sum"}
+    mr = dmi_train_config("mr", "LCCN-DMI"); assert (mr.optimizer, mr.lr, mr.weight_decay, mr.epochs) == ("sgd", 1e-4, 1e-4, 50)
+    assert dmi_method_hparams("clothing1m", "DMI", {})["include_start"] is False
+    assert dmi_method_hparams("cifar10", "DMI", {}) == {"ce_state": {}, "normalize": False, "select": "acc"}
+
+
+def test_dmi_search_pick_on_fake_rows():
+    grid = list(itertools.product(dmi_lr_grid["lr"], dmi_lr_grid["batch_size"]))
+    scores = {("case2", 0): [-3, -1, -2, -1, -5, -4], ("case2", 1): [-9, -8, -7, -6, -5, -4], ("case3", 0): [0] * 6}
+    cand = pd.DataFrame([{"experiment": "fmnist", "noise_type": nt, "noise": 0.7, "seed": s, "lr": lr, "batch_size": bs, "search_score": v}
+                         for (nt, s), vs in scores.items() for (lr, bs), v in zip(grid, vs)])
+    pick = dmi_search_pick(cand)
+    assert [(p.noise_type, p.seed, p.lr, p.batch_size) for p in pick.itertuples()] == [("case2", 0, 1e-4, 256), ("case2", 1, 1e-6, 256), ("case3", 0, 1e-4, 128)]
+    assert len(dmi_search_pick(cand.assign(noise=float("nan")))) == 3
+    with pytest.raises(ValueError, match="valid: rows with"): dmi_search_pick(cand.drop(columns="seed"))
+    with pytest.raises(ValueError, match="valid: a finite score"): dmi_search_pick(cand.assign(search_score=float("nan")))

@@ -165,12 +165,13 @@ def test_pivot_table_cells(fake):
 
 def test_render_table_files_and_caption(fake, tmp_path):
     pt = pivot_table(compare(summarize(fake), paper_numbers("limit", 4)))
-    md, png = render_table(pt, tmp_path / "figs", "t4", "Fake table.")
+    with pytest.raises(ValueError, match="selection rule"): render_table(pt, tmp_path / "figs", "t4", "Fake table.")   # no rule, no table
+    md, png = render_table(pt, tmp_path / "figs", "t4", "Fake table.", selection="fake rule")
     text = md.read_text().splitlines()
-    assert text[0] == "**Fake table. Scale: test. Hardware: cpu (fake).**"
+    assert text[0] == "**Fake table. Scale: test. Hardware: cpu (fake). Selection: fake rule.**"
     assert text[2].startswith("| method | noise=0, n_train=1000 |") and len(text) == 15
     assert png.read_bytes()[:4] == b"\x89PNG"
-    md2, _ = render_table(pd.DataFrame({"a": [1.234]}), tmp_path, "plain", "Plain.", scale="s", device="d", digits=2)
+    md2, _ = render_table(pd.DataFrame({"a": [1.234]}), tmp_path, "plain", "Plain.", scale="s", device="d", digits=2, selection="r")
     assert md2.read_text().splitlines()[-1] == "| 1.234 |"  # non-statistic floats are not rounded
-    with pytest.raises(ValueError, match="must state scale and hardware"): render_table(pd.DataFrame({"a": [1]}), tmp_path, "x", "c")
+    with pytest.raises(ValueError, match="must state scale, hardware and selection rule"): render_table(pd.DataFrame({"a": [1]}), tmp_path, "x", "c")
     with pytest.raises(ValueError, match="not a plain file name"): render_table(pt, tmp_path, "a/b", "c")

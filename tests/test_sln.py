@@ -12,7 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from test_data import make_synthetic_cifar
-from noisyrepro.data import LabeledData
+from noisyrepro.data import LabeledData, data_root
+
+REAL_DATA = data_root()      # the data folder this session was given ($NOISYREPRO_DATA or the default), before fixtures move it
 from noisyrepro.models import get_model
 from noisyrepro.train import Method, Trainer, TrainConfig, fit, get_method
 from noisyrepro.sln import (SLN, OutputNoise, ParamNoise, PAPER_GRIDS, batch_param_noise, bonferroni_k, check_covariance,
@@ -194,17 +196,16 @@ def test_notebook_paper_branch_on_synthetic_cifar(synthetic_cifar, tmp_path, mon
     nbp = Path(__file__).parents[1] / "nbs" / "06_sln.ipynb"
     nb = read_nb(nbp)
     i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
-    head = [c for c in nb.cells[:i] if c.cell_type == "code" and c.source.startswith(("#| export\nfrom __future__", "#| hide"))]
-    nb.cells = head + nb.cells[i:]                                   # imports, then the experiments (the theory is tested above)
+    e = next(j for j, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## Experiments"))
+    head = [c for c in nb.cells[i + 2:e] if c.cell_type == "code" and c.source.startswith(("#| export\nfrom __future__", "#| hide"))]
+    nb.cells = nb.cells[:i + 2] + head + nb.cells[e:]                # parameters and their check, imports, the experiments
     out = tmp_path / "out"
     params = (f'scale = "paper"; dataset = "cifar10"; noise_types = ["open_set"]; methods = ["CE", "SLN-MO-LC"]; epochs = 3; '
               f'val = 8; baselines = False; figures = False; assert_claims = False; out_dir = {str(out)!r}; device = "cpu"')
-    from noisyrepro.data import data_root
-    monkeypatch.delenv("NOISYREPRO_DATA", raising=False); real = data_root()   # the notebook's MNIST checks need the real files
-    for d in ("MNIST", "FashionMNIST"): (synthetic_cifar / d).symlink_to(real / d)
+    for d in ("MNIST", "FashionMNIST"): (synthetic_cifar / d).symlink_to(REAL_DATA / d)   # the notebook's MNIST checks need the real files
     monkeypatch.setenv("NOISYREPRO_DATA", str(synthetic_cifar)); monkeypatch.delenv("IN_TEST", raising=False)
     sh = CaptureShell(path=nbp.parent)
-    sh.run_all(nb, exc_stop=True, inject_code=nb.cells[len(head)].source + "\n" + params, inject_idx=len(head))
+    sh.run_all(nb, exc_stop=True, inject_code=nb.cells[i].source + "\n" + params, inject_idx=i)
     df = pd.read_csv(out / "results.csv")
     assert set(df.method) == {"CE", "SLN-MO-LC"} and (df.dataset == "cifar10").all() and (df.noise_type == "open_set").all()
     lc = df[df.method == "SLN-MO-LC"].iloc[0]
