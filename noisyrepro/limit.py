@@ -268,6 +268,9 @@ class LIMIT(Method):
 
     def state_dict(self): return {"q": self.q.state_dict(), "gen": self.gen.get_state()}
     def load_state_dict(self, sd): self.q.load_state_dict(sd["q"]); self.gen.set_state(sd["gen"])
+    def restore(self, model: nn.Module, sd: dict) -> "LIMIT":
+        "Rebuild q on the CPU for a classifier like `model` and load q from a saved method state (figures from a finished run)."
+        self.q = q_network(model); self.q.load_state_dict({k: v.cpu() for k, v in sd["q"].items()}); return self
     def hparams(self):
         return ({"dist": self.dist, "sample": self.sample, "beta": self.beta} | ({"sigma_q": self.sigma_q} if self.sample else {})
                 | ({"init": True} if self.init_state is not None else {}))
