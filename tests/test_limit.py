@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from noisyrepro.data import LabeledData
 from noisyrepro.models import get_model, LimitMLP
-from noisyrepro.train import Trainer, TrainConfig, get_method
+from noisyrepro.train import Trainer, TrainConfig, fit, get_method
 from noisyrepro.limit import (LIMIT, SoftReg, DMILimit, replace_grad, limit_mu, ce_grad, limit_grad_sample, limit_q_loss,
                               q_network, dmi_limit_loss, soft_reg_penalties, limit_scores, roc_auc, rank_mislabeled)
 
@@ -143,3 +143,19 @@ def test_plus_init_has_its_own_name_and_needs_a_state():
     tr = _trainer(get_method("LIMIT_G-S", beta=1.0))
     m = get_method("LIMIT_L-S+init", init_state=copy.deepcopy(tr.method.q.state_dict()))
     assert m.name == "LIMIT_L-S+init" and m.hparams()["init"] is True
+
+
+def test_restore_rebuilds_q_from_a_recorded_run():
+    "Figs A1-A3 draw from recorded runs: a fresh LIMIT method rebuilds q from the saved state (no trainer), equal to the trained q."
+    from noisyrepro.limit import limit_scores
+    from noisyrepro.train import noisy_splits
+    sp = noisy_splits("mnist5k", "symmetric", 0.5, n_train=200, val=0.2, seed=42)
+    cfg = TrainConfig(epochs=1, batch_size=256, normalize="limit_mnist", device="cpu", progress=False)
+    m = get_method("LIMIT_L-S", beta=10.0)
+    r = fit(get_model("limit_mnist_cnn", 10, seed=42), sp.train, sp.val, sp.test, m, cfg)
+    fresh = get_method("LIMIT_L-S", beta=10.0)
+    assert not hasattr(fresh, "q")
+    clf = get_model("limit_mnist_cnn", 10); clf.load_state_dict(r.best_state)
+    fresh.restore(clf, r.best_method_state)
+    for a, b in zip(fresh.q.state_dict().values(), r.best_method_state["q"].values()): assert torch.equal(a, b.cpu())
+    assert limit_scores(clf, fresh.q, sp.train, cfg)["distance"].shape == (200,)

@@ -175,3 +175,18 @@ def test_render_table_files_and_caption(fake, tmp_path):
     assert md2.read_text().splitlines()[-1] == "| 1.234 |"  # non-statistic floats are not rounded
     with pytest.raises(ValueError, match="must state scale, hardware and selection rule"): render_table(pd.DataFrame({"a": [1]}), tmp_path, "x", "c")
     with pytest.raises(ValueError, match="not a plain file name"): render_table(pt, tmp_path, "a/b", "c")
+
+
+def test_run_experiment_logs_one_line_per_run(tmp_path, capsys):
+    "Every finished, skipped or resumed run writes one line to stderr (papermill shows it with --log-output) (issue 14)."
+    import dataclasses
+    from noisyrepro.models import get_model
+    from noisyrepro.results import run_experiment
+    from noisyrepro.train import TrainConfig, noisy_splits
+    sp = noisy_splits("mnist5k", "symmetric", 0.5, n_train=64, seed=0)
+    meta = {"paper": "demo", "experiment": "log", "dataset": "mnist5k", "noise_type": "symmetric", "noise": 0.5, "scale": "test"}
+    cfg = TrainConfig(epochs=1, batch_size=32, device="cpu", progress=False)
+    for _ in range(2): run_experiment(tmp_path, meta, lambda: get_model("lenet", 10, seed=0), sp, "CE", cfg=cfg)
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[noisyrepro]")]
+    assert len(err) == 2 and err[0].startswith("[noisyrepro] finished CE() seed 0, run ") and " test " in err[0] and err[0].endswith(" s")
+    assert err[1].startswith("[noisyrepro] skipped (recorded) CE() seed 0")
