@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['VALID_DEVICES', 'DIRTY_TREE', 'seed_everything', 'get_device', 'device_name', 'config_key', 'run_dir', 'outputs_dir',
-           'atomic_write_bytes', 'atomic_write_text', 'read_rows', 'append_row', 'sha256_file', 'tensor_sha256',
-           'git_commit', 'package_versions', 'provenance', 'write_provenance', 'Choice', 'Number', 'Rule',
-           'check_params', 'out_name', 'parameter_defaults', 'Timer', 'in_test']
+__all__ = ['VALID_DEVICES', 'DIRTY_TREE', 'DEVICE', 'OPTIONAL_PATH', 'seed_everything', 'get_device', 'device_name', 'config_key',
+           'run_dir', 'outputs_dir', 'atomic_write_bytes', 'atomic_write_text', 'read_rows', 'append_row',
+           'sha256_file', 'tensor_sha256', 'git_commit', 'package_versions', 'provenance', 'write_provenance', 'Choice',
+           'Number', 'Rule', 'check_params', 'out_name', 'parameter_defaults', 'Timer', 'in_test']
 
 # %% ../nbs/00_core.ipynb #0f09ad7e
 def seed_everything(seed: int) -> torch.Generator:
@@ -221,6 +221,9 @@ class Rule:
         try: good = bool(self.ok(v))
         except Exception: good = False
         return None if good else self.valid
+
+DEVICE = Rule(lambda v: get_device(v) is not None, "'auto', 'cpu', 'cuda', 'cuda:N' (where a GPU is present) or 'mps'")   # the `device` parameter
+OPTIONAL_PATH = Rule(lambda v: v is None or isinstance(v, str), "None or a folder path")                             # `out_dir`, `root`
 
 # %% ../nbs/00_core.ipynb #e0431d0b
 def check_params(namespace: dict, spec: dict, before: set | None = None, extra: list | None = None) -> dict:

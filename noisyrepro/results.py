@@ -302,7 +302,7 @@ def render_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str,
 # %% ../nbs/04b_results.ipynb #f6207dac
 import dataclasses, sys, warnings
 import torch
-from .core import atomic_write_bytes, config_key, device_name, git_commit
+from .core import _here, atomic_write_bytes, config_key, device_name, git_commit
 
 def _log_run(what: str, method: str, hparams: dict, cfg, key: str, row: dict | None = None, res=None):
     "One line on stderr per run (papermill shows it with --log-output): what happened, the method, seed, accuracy, seconds."
@@ -324,8 +324,7 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
             "noise_seed": splits.train_noise.seed, "labels_sha256": splits.train_noise.sha256}
     key, out_dir = config_key(full), Path(out_dir)
     run = out_dir / "runs" / key
-    if is_done(out_dir, key):
-        row = next(r for r in read_rows(out_dir / RESULTS_FILE) if r["run_key"] == key)
+    if (row := _recorded(out_dir, key)) is not None:
         res = torch.load(run / "result.pt", weights_only=False) if keep_result and (run / "result.pt").exists() else None
         _log_run("skipped (recorded)", method, plain_hp, cfg, key, row)
         if not keep_result or res is not None: return row, res
@@ -338,12 +337,16 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
     if keep_result: _save_result(run / "result.pt", dataclasses.replace(res, diagnostics=None))
     row = {**meta, "method": method, "hparams": plain_hp, "seed": cfg.seed, **res.row(), "n_train": len(splits.train),
            "lr": cfg.lr, "noise_rate": round(splits.train_noise.rate, 5), "epochs_run": res.epochs_run, "device": device_name(cfg.device),
-           "git_commit": git_commit(Path(__file__).parent if "__file__" in globals() else "."), "run_key": key}
-    if is_done(out_dir, key): row = next(r for r in read_rows(out_dir / RESULTS_FILE) if r["run_key"] == key)   # recorded meanwhile
+           "git_commit": git_commit(_here()), "run_key": key}
+    if (recorded := _recorded(out_dir, key)) is not None: row = recorded          # recorded meanwhile (another process)
     else: record_result(out_dir, row)
     _log_run("finished", method, plain_hp, cfg, key, row, res)
     (run / "ckpt.pt").unlink(missing_ok=True)                   # the row is the record; keep disk use small
     return row, res
+
+def _recorded(out_dir: Path, key: str) -> dict | None:
+    "The results.csv row of run `key`, or None if it is not recorded (one read of the file)."
+    return next((r for r in read_rows(out_dir / RESULTS_FILE) if r.get("run_key") == key), None)
 
 def _save_result(path: Path, res) -> None:
     "torch.save a FitResult atomically."
