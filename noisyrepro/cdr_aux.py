@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .train import Method, TrainConfig, register_method
+from .train import Method, TrainConfig, method_spec, register_method
 
 # %% auto #0
 __all__ = ['CDR_RULES', 'AUX_LOSSES', 'REPORT_METHODS', 'REPORT_NOISE_TYPES', 'REPORT_NOISES', 'cdr_parameters', 'criticality',
@@ -179,7 +179,7 @@ class CDRRDI(CDR, RDI):
     "CDR+RDI: RDI's loss; CDR's mask on the network's gradient."
     name = "CDR+RDI"
 
-for _cls in (SGD, CDR, AUX, CDRAUX, RDI, CDRRDI): register_method(_cls.name)(_cls)
+for _cls in (SGD, CDR, AUX, CDRAUX, RDI, CDRRDI): register_method(_cls.name, tags={"rdi"} if issubclass(_cls, RDI) else ())(_cls)
 
 # %% ../nbs/08_cdr_aux.ipynb #87509e15
 REPORT_METHODS = ["SGD", "CDR", "AUX", "CDR+AUX"]
@@ -206,9 +206,10 @@ def method_hparams(method: str, noise: float, lamb: float, rdi_lamb: float, tau:
     "Hyper-parameters of one of the six methods at nominal noise rate `noise` (CDR's τ defaults to it)."
     valid = ("SGD", "CDR", "AUX", "CDR+AUX", "RDI", "CDR+RDI")
     if method not in valid: raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(valid)}")
-    hp = {"tau": noise if tau is None else tau, "rule": rule} if method.startswith("CDR") else {}
-    if method.endswith("AUX"): hp |= {"lamb": lamb, "aux_lr": aux_lr}
-    if method.endswith("RDI"): hp |= {"lamb": rdi_lamb}
+    spec = method_spec(method)
+    hp = {"tau": noise if tau is None else tau, "rule": rule} if spec.takes("tau") else {}    # CDR, CDR+AUX, CDR+RDI
+    if spec.takes("aux_lr"): hp |= {"lamb": lamb, "aux_lr": aux_lr}                        # AUX, CDR+AUX: b has its own step
+    elif "rdi" in spec.tags: hp |= {"lamb": rdi_lamb}                                      # RDI, CDR+RDI: RDI's λ (both take lamb)
     return hp
 
 # %% ../nbs/08_cdr_aux.ipynb #1a0f0803

@@ -11,15 +11,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from .data import ImageFiles, LabeledData, load_dataset
-from .losses import GCE, Forward, forward_loss, gce_loss
-from .train import Method, NoisySplits, TrainConfig, noisy_splits, predict_logits, register_method, _to_cpu
+from .baselines import GCE, Forward
+from .losses import _det_dtype, dmi_loss, forward_loss, gce_loss
+from .splits import NoisySplits, noisy_splits
+from .train import Method, TrainConfig, method_spec, predict_logits, register_method, _to_cpu
 
 # %% auto #0
 __all__ = ['DMI_METHODS', 'EXPERIMENTS', 'DMI_PROTOCOL', 'dmi_lr_grid', 'random_transition', 'random_joint', 'dmi', 'shannon_mi',
-           'channel_joint', 'hadamard_bound', 'classifier_joint', 'l_dmi', 'dmi_matrix', 'dmi_loss', 'dmi_grad_U',
-           'SelectsOwnBest', 'CEDMI', 'load_ce_state', 'DMI', 'FWDMI', 'GCEDMI', 'lccn_counts', 'lccn_transition',
-           'lccn_posterior', 'lccn_move', 'LCCN', 'fashion_bags', 'decode_images', 'dmi_splits', 'dmi_train_config',
-           'dmi_model', 'dmi_method_hparams', 'dmi_search_pick']
+           'channel_joint', 'hadamard_bound', 'classifier_joint', 'l_dmi', 'dmi_matrix', 'dmi_grad_U', 'SelectsOwnBest',
+           'CEDMI', 'load_ce_state', 'DMI', 'FWDMI', 'GCEDMI', 'lccn_counts', 'lccn_transition', 'lccn_posterior',
+           'lccn_move', 'LCCN', 'fashion_bags', 'decode_images', 'dmi_splits', 'dmi_train_config', 'dmi_model',
+           'dmi_method_hparams', 'dmi_search_pick']
 
 # %% ../nbs/07_dmi.ipynb #122c4fa2
 def random_transition(num_classes: int, generator: torch.Generator, n: int | None = None, sharpness: float = 1.0) -> Tensor:
@@ -70,17 +72,6 @@ def dmi_matrix(probs: Tensor, y: Tensor, normalize: bool = True) -> Tensor:
     "U = (1/N) O L: U[c, c̃] = (1/N) Σ_i h(x_i)_c 1[ỹ_i = c̃] from N×C outputs `probs` and labels `y` (no 1/N if not `normalize`)."
     U = probs.transpose(-2, -1) @ F.one_hot(y, probs.shape[-1]).to(probs.dtype)   # O L: rows = output c, columns = label c̃
     return U / y.shape[-1] if normalize else U
-
-# %% ../nbs/07_dmi.ipynb #774f37f9
-def _det_dtype(t: Tensor) -> torch.dtype:
-    "float64, or float32 on MPS (no float64 there)."
-    return torch.float32 if t.device.type == "mps" else torch.float64
-
-def dmi_loss(logits: Tensor, y: Tensor, normalize: bool = False, eps: float = 1e-3) -> Tensor:
-    "L_DMI on a batch, −log(|det U| + eps) with U = O L (÷ N if `normalize`); softmax and det in float64."
-    if logits.ndim != 2 or y.shape != logits.shape[:1]: raise ValueError(f"logits {tuple(logits.shape)} and y {tuple(y.shape)}; valid: B×C logits and B labels")
-    U = dmi_matrix(logits.to(_det_dtype(logits)).softmax(1), y, normalize)   # U = (1/N) O L
-    return -torch.log(torch.linalg.det(U).abs() + eps).to(logits.dtype)     # −log(|det U| + ε)
 
 # %% ../nbs/07_dmi.ipynb #afacadbf
 def dmi_grad_U(U: Tensor, eps: float = 0.0) -> Tensor:
@@ -451,7 +442,7 @@ def dmi_model(experiment: str, splits: NoisySplits, seed: int = 0, **kw) -> nn.M
 def dmi_method_hparams(experiment: str, method: str, ce_state: dict | None) -> dict:
     "The hyper-parameters of `method` in an experiment's protocol (the CE state, the 1/N choice, the selection rule, LCCN's schedule)."
     P = DMI_PROTOCOL[experiment]
-    if method == "CE-DMI": return {}
+    if not method_spec(method).takes("ce_state"): return {}                       # CE-DMI: it is the CE model
     hp = {"ce_state": ce_state}
     if method == "DMI": hp |= {"normalize": P["normalize_U"]} | {k: P[k] for k in ("select", "include_start") if k in P}
     if method == "LCCN-DMI": hp |= P.get("lccn", {})

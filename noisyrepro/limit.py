@@ -13,9 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from .data import LabeledData, to_device
-from .losses import _DISTS, _noise_like
+from .losses import _DISTS, _noise_like, dmi_loss
 from .models import LimitMnistCNN, get_model
 from .train import Method, TrainConfig, predict_logits, register_method
+import noisyrepro.baselines               # registers the baselines LIMIT_METHODS names (CE+GN, CE+LN, MAE, FW)
 
 # %% auto #0
 __all__ = ['LIMIT_GRIDS', 'LIMIT_METHODS', 'BETAS', 'SIGMAS_Q', 'PAPER_GRIDS', 'NEEDS_CE', 'FEWER_SEEDS', 'binary_entropy',
@@ -275,10 +276,14 @@ class LIMIT(Method):
         return ({"dist": self.dist, "sample": self.sample, "beta": self.beta} | ({"sigma_q": self.sigma_q} if self.sample else {})
                 | ({"init": True} if self.init_state is not None else {}))
 
-register_method("LIMIT")(LIMIT)
+def _limit_no_sampling(dist: str, beta: float = 0.0, init_state: dict | None = None) -> LIMIT:
+    """LIMIT −S: the classifier receives μ itself, so there is no σ_q to give."""
+    return LIMIT(dist=dist, sample=False, beta=beta, init_state=init_state)
+
+register_method("LIMIT", tags={"limit"})(LIMIT)
 for _d in _DISTS:
-    for _s in (True, False):
-        register_method(f"LIMIT_{_d[0].upper()}{'+' if _s else '-'}S")(functools.partial(LIMIT, dist=_d, sample=_s))
+    register_method(f"LIMIT_{_d[0].upper()}+S", tags={"limit"})(functools.partial(LIMIT, dist=_d, sample=True))
+    register_method(f"LIMIT_{_d[0].upper()}-S", tags={"limit"})(functools.partial(_limit_no_sampling, _d))
 
 # %% ../nbs/05_limit.ipynb #3986cbc0
 def soft_reg_penalties(z: Tensor, logits: Tensor, q_logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -310,8 +315,7 @@ class SoftReg(Method):
 
 # %% ../nbs/05_limit.ipynb #6ff2cac5
 def dmi_limit_loss(logits: Tensor, y: Tensor) -> Tensor:
-    "LIMIT's DMI loss $-\\log(|\\det(S^\\top Y)| + 0.001)$ on a batch, no 1/N: L_DMI as `noisyrepro.dmi` computes it."
-    from noisyrepro.dmi import dmi_loss
+    "LIMIT's DMI loss $-\\log(|\\det(S^\\top Y)| + 0.001)$ on a batch, no 1/N: the shared `noisyrepro.losses.dmi_loss`."
     return dmi_loss(logits, y, normalize=False, eps=0.001)     # det(Yᵀ S) = det(Sᵀ Y)
 
 @register_method("DMI-LIMIT")
@@ -373,7 +377,8 @@ def rank_mislabeled(method_or_q: Method | nn.Module, data: LabeledData, cfg: Tra
 LIMIT_METHODS = ["CE", "CE+GN", "CE+LN", "MAE", "FW", "DMI-LIMIT", "SoftReg", "LIMIT_G+S", "LIMIT_G-S", "LIMIT_L+S", "LIMIT_L-S"]
 BETAS, SIGMAS_Q = LIMIT_GRIDS["LIMIT"]["beta"], LIMIT_GRIDS["LIMIT"]["sigma_q"]
 PAPER_GRIDS = {"CE+GN": {"sigma": SIGMAS_Q}, "CE+LN": {"sigma": SIGMAS_Q}, "DMI-LIMIT": LIMIT_GRIDS["DMI-LIMIT"], "SoftReg": LIMIT_GRIDS["SoftReg"],
-               **{f"LIMIT_{d}-S": {"beta": BETAS} for d in "GL"}, **{f"LIMIT_{d}+S": {"beta": BETAS, "sigma_q": SIGMAS_Q} for d in "GL"}}
+               **{f"LIMIT_{d}-S{i}": {"beta": BETAS} for d in "GL" for i in ("", "+init")},
+               **{f"LIMIT_{d}+S": {"beta": BETAS, "sigma_q": SIGMAS_Q} for d in "GL"}}
 NEEDS_CE = {"FW", "DMI-LIMIT", "LIMIT_G-S+init", "LIMIT_L-S+init"}   # start from (FW: estimate T with) the CE model of the same split
 FEWER_SEEDS = {"LIMIT_G+S", "LIMIT_L+S", "SoftReg"}   # run with 3 seeds in the paper
 
@@ -386,12 +391,12 @@ def split_lr(hp: dict) -> tuple[dict, dict]:
     return {k: v for k, v in hp.items() if k != "lr"}, ({"lr": hp["lr"]} if "lr" in hp else {})
 
 # %% ../nbs/05_limit.ipynb #ed65b275
-def _limit_init(dist: str, init_state: dict | None = None, **kw) -> LIMIT:
+def _limit_init(dist: str, init_state: dict | None = None, beta: float = 0.0) -> LIMIT:
     """LIMIT −S with q initialised from a CE model's state (the paper's "+init")."""
     if init_state is None: raise ValueError("LIMIT +init needs init_state= (the state of a CE model with q's architecture)")
-    return LIMIT(dist=dist, sample=False, init_state=init_state, **kw)
+    return LIMIT(dist=dist, sample=False, init_state=init_state, beta=beta)
 
-for _d, _dist in (("G", "gaussian"), ("L", "laplace")): register_method(f"LIMIT_{_d}-S+init")(lambda _dist=_dist, **kw: _limit_init(_dist, **kw))
+for _d, _dist in (("G", "gaussian"), ("L", "laplace")): register_method(f"LIMIT_{_d}-S+init", tags={"limit"})(functools.partial(_limit_init, _dist))
 
 # %% ../nbs/05_limit.ipynb #c7d43378
 def select_by_validation(df: pd.DataFrame, setting=("dataset", "noise_type", "noise", "n_train"), metric: str = "val_acc") -> pd.DataFrame:

@@ -17,7 +17,7 @@ except ImportError: fcntl = None  # Windows: no advisory lock, appends are still
 # %% auto #0
 __all__ = ['RESULT_COLUMNS', 'CAPTION_COLUMNS', 'ACC_COLUMNS', 'RESULT_NUMERIC', 'RESULTS_FILE', 'DEFAULT_BY', 'PAPERS',
            'PAPER_COLUMNS', 'PAPER_NUMERIC', 'record_result', 'done_keys', 'is_done', 'load_results', 'summarize',
-           'paper_numbers', 'compare', 'pivot_table', 'render_table', 'run_experiment', 'best_state']
+           'paper_numbers', 'compare', 'pivot_table', 'render_table']
 
 # %% ../nbs/04b_results.ipynb #b440f21d
 RESULT_COLUMNS = ("paper", "experiment", "dataset", "noise_type", "noise", "n_train", "method", "hparams", "seed",
@@ -298,62 +298,3 @@ def render_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str,
     md = atomic_write_text(out / f"{name}.md", _markdown(full, header, rows))
     png = atomic_write_bytes(out / f"{name}.png", _png(textwrap.fill(full, 110), header, rows))
     return md, png
-
-# %% ../nbs/04b_results.ipynb #f6207dac
-import dataclasses, sys, warnings
-import torch
-from .core import _here, atomic_write_bytes, config_key, device_name, git_commit
-
-def _log_run(what: str, method: str, hparams: dict, cfg, key: str, row: dict | None = None, res=None):
-    "One line on stderr per run (papermill shows it with --log-output): what happened, the method, seed, accuracy, seconds."
-    acc = "" if row is None else f" test {float(row['test_acc']):.3f}" + (f" ({row['status']})" if row.get("status", "ok") not in ("ok", "") else "")
-    secs = "" if res is None else f" in {res.train_seconds:.0f} s"
-    hp = ", ".join(f"{k}={v}" for k, v in hparams.items())
-    print(f"[noisyrepro] {what} {method}({hp}) seed {cfg.seed}, run {key}:{acc}{secs}", file=sys.stderr, flush=True)
-
-def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: str, hparams: dict | None = None, cfg=None,
-                   keep_state: bool = False, keep_result: bool = False, **fit_kw) -> tuple[dict, "object | None"]:
-    """Train `method` on `splits` (a `NoisySplits`) unless results.csv already has this configuration; return (row, FitResult or None).
-
-    `keep_state` saves the best model state (`best_state`); `keep_result` saves the whole FitResult (history, states) so that a
-    finished run returns it again instead of None (figures built from training curves resume like tables)."""
-    from noisyrepro.train import TrainConfig, fit, get_method
-    cfg, hparams = cfg or TrainConfig(), dict(hparams or {})
-    plain_hp = {k: v for k, v in hparams.items() if not isinstance(v, (dict, torch.Tensor))}      # states are not hyper-parameters
-    full = {**meta, "method": method, "hparams": plain_hp, "cfg": dataclasses.asdict(cfg), "n_train": len(splits.train),
-            "noise_seed": splits.train_noise.seed, "labels_sha256": splits.train_noise.sha256}
-    key, out_dir = config_key(full), Path(out_dir)
-    run = out_dir / "runs" / key
-    if (row := _recorded(out_dir, key)) is not None:
-        res = torch.load(run / "result.pt", weights_only=False) if keep_result and (run / "result.pt").exists() else None
-        _log_run("skipped (recorded)", method, plain_hp, cfg, key, row)
-        if not keep_result or res is not None: return row, res
-        warnings.warn(f"run {key} is recorded but its result.pt is missing; training it again to rebuild the figure data")
-    run.mkdir(parents=True, exist_ok=True)
-    if (run / "ckpt.pt").exists(): _log_run("resuming", method, plain_hp, cfg, key)
-    res = fit(model_fn(), splits.train, splits.val, splits.test, get_method(method, **hparams), cfg,
-              is_noisy=splits.train_noise.is_noisy, ckpt=run / "ckpt.pt", **fit_kw)
-    if keep_state: torch.save(res.best_state, run / "best.pt")
-    if keep_result: _save_result(run / "result.pt", dataclasses.replace(res, diagnostics=None))
-    row = {**meta, "method": method, "hparams": plain_hp, "seed": cfg.seed, **res.row(), "n_train": len(splits.train),
-           "lr": cfg.lr, "noise_rate": round(splits.train_noise.rate, 5), "epochs_run": res.epochs_run, "device": device_name(cfg.device),
-           "git_commit": git_commit(_here()), "run_key": key}
-    if (recorded := _recorded(out_dir, key)) is not None: row = recorded          # recorded meanwhile (another process)
-    else: record_result(out_dir, row)
-    _log_run("finished", method, plain_hp, cfg, key, row, res)
-    (run / "ckpt.pt").unlink(missing_ok=True)                   # the row is the record; keep disk use small
-    return row, res
-
-def _recorded(out_dir: Path, key: str) -> dict | None:
-    "The results.csv row of run `key`, or None if it is not recorded (one read of the file)."
-    return next((r for r in read_rows(out_dir / RESULTS_FILE) if r.get("run_key") == key), None)
-
-def _save_result(path: Path, res) -> None:
-    "torch.save a FitResult atomically."
-    buf = io.BytesIO(); torch.save(res, buf); atomic_write_bytes(path, buf.getvalue())
-
-def best_state(out_dir: str | Path, key: str) -> dict:
-    """The best model state a finished `run_experiment(..., keep_state=True)` saved."""
-    p = Path(out_dir) / "runs" / key / "best.pt"
-    if not p.exists(): raise FileNotFoundError(f"no saved state for run {key} in {p.parent}; run it with keep_state=True")
-    return torch.load(p, weights_only=True)

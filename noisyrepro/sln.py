@@ -15,7 +15,9 @@ from typing import Callable
 from .data import LabeledData, load_dataset, split_train_val, subsample, subset, to_device
 from .losses import _noise_like, ce_loss
 from .noise import NoisyLabels, average_softmax, empirical_transition, open_set_replace
-from .train import Method, NoisySplits, TrainConfig, fit, noisy_splits, predict_logits, register_method
+from .splits import NoisySplits, noisy_splits
+from .train import Method, TrainConfig, fit, method_spec, predict_logits, register_method
+import noisyrepro.baselines               # registers the Table 1-2 baselines TABLE_METHODS names (GCE, Co-teaching, PHuber-CE, LS)
 
 # %% auto #0
 __all__ = ['LC_SCHEMES', 'SLN_NOISE_TYPES', 'TABLE_METHODS', 'PAPER_GRIDS', 'OPEN_SET_SOURCE', 'soft_ce', 'sln_targets',
@@ -186,8 +188,8 @@ class SLN(Method):
         return {"sigma": self.sigma} | ({"correction": self.correction, "hard": self.hard, "scheme": self.scheme} if self.correction is not None else {})
 
 register_method("SLN")(SLN)
-register_method("SLN-MO")(functools.partial(SLN, momentum=True))
-register_method("SLN-MO-LC")(functools.partial(SLN, momentum=True, correction=250))
+register_method("SLN-MO", tags={"ema"})(functools.partial(SLN, momentum=True))              # evaluated on the EMA of the weights
+register_method("SLN-MO-LC", tags={"ema"})(functools.partial(SLN, momentum=True, correction=250))
 
 # %% ../nbs/06_sln.ipynb #cfafd995
 class ParamNoise(Method):
@@ -244,7 +246,7 @@ def paper_config(dataset: str, method: str, seed: int = 0, **kw) -> TrainConfig:
     "App. B.1's training settings for `method` on CIFAR-10/100 (EMA 0.999 for the -MO methods); `kw` overrides fields."
     if dataset not in SLN_NOISE_TYPES: raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(SLN_NOISE_TYPES)}")
     base = dict(epochs=300, batch_size=128, lr=1e-3, optimizer="sgd", momentum=0.9, weight_decay=5e-4, normalize=dataset,
-                augment="crop_flip", pad=4, seed=seed, ema=0.999 if "-MO" in method else None)
+                augment="crop_flip", pad=4, seed=seed, ema=0.999 if "ema" in method_spec(method).tags else None)
     return TrainConfig(**(base | kw))
 
 # %% ../nbs/06_sln.ipynb #078ffed8

@@ -4,21 +4,20 @@
 
 # %% ../nbs/04_train.ipynb #79c1513f
 from __future__ import annotations
-import copy, dataclasses, functools, importlib, inspect, io, math, os, re, sys, time, warnings
+import copy, dataclasses, functools, inspect, io, math, os, re, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import VALID_DEVICES, Timer, atomic_write_bytes, config_key, get_device, in_test, seed_everything
-from .data import LabeledData, NORMALIZATION, load_dataset, normalize, split_train_val, subsample, to_device
-from .noise import NoisyLabels, corrupt_labels
+from .data import LabeledData, NORMALIZATION, normalize, to_device
 
 # %% auto #0
-__all__ = ['PAD_FILLS', 'METHODS', 'TrainConfig', 'random_crop_flip', 'Method', 'register_method', 'get_method',
-           'method_keywords', 'pad_value', 'predict_logits', 'predict_proba', 'accuracy', 'EMA', 'FitResult', 'Trainer',
-           'fit', 'NoisySplits', 'noisy_splits']
+__all__ = ['PAD_FILLS', 'METHODS', 'METHOD_TAGS', 'TrainConfig', 'random_crop_flip', 'Method', 'register_method', 'get_method',
+           'method_keywords', 'MethodSpec', 'method_spec', 'pad_value', 'predict_logits', 'predict_proba', 'accuracy',
+           'EMA', 'FitResult', 'Trainer', 'fit']
 
 # %% ../nbs/04_train.ipynb #7e10ae96
 PAD_FILLS = ("black", "mean")
@@ -107,25 +106,29 @@ class Method:
 
 # %% ../nbs/04_train.ipynb #6fbf60fd
 METHODS: dict[str, Callable[..., Method]] = {"CE": Method}
-_METHOD_MODULES = ["noisyrepro.losses", "noisyrepro.limit", "noisyrepro.sln", "noisyrepro.dmi", "noisyrepro.cdr_aux"]
+METHOD_TAGS: dict[str, frozenset[str]] = {}            # name -> the tags given to `register_method`
 
-def register_method(name: str):
-    """Decorator registering a `Method` factory under `name`."""
-    def deco(f): METHODS[name] = f; return f
+def register_method(name: str, tags: Iterable[str] = ()):
+    """Decorator registering a `Method` factory under `name`, with `tags` (e.g. {"ema"}) that `method_spec` reports."""
+    if isinstance(tags, str): raise TypeError(f"tags={tags!r} is one string; valid: a collection of strings, e.g. {{{tags!r}}}")
+    def deco(f): METHODS[name] = f; METHOD_TAGS[name] = frozenset(tags); return f
     return deco
+
+def _registered(name: str) -> Callable[..., Method]:
+    "The factory registered as `name`, or a ValueError that lists the registered names and says how a method gets registered."
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))} (the registered ones: methods register when "
+                         f"their module is imported, so import the module that defines {name!r} first: noisyrepro.baselines, noisyrepro.limit, "
+                         "noisyrepro.sln, noisyrepro.dmi or noisyrepro.cdr_aux)")
+    return METHODS[name]
 
 def get_method(name: str, **hparams) -> Method:
     """Build the method registered as `name` with its hyper-parameters."""
-    for m in _METHOD_MODULES:
-        if name in METHODS: break
-        try: importlib.import_module(m)
-        except ModuleNotFoundError as e:
-            if e.name != m: raise
-    if name not in METHODS: raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
-    valid = method_keywords(METHODS[name])
+    factory = _registered(name)
+    valid = method_keywords(factory)
     bad = sorted(set(hparams) - set(valid)) if valid is not None else []
     if bad: raise ValueError(f"method {name!r} got unexpected keyword(s) {', '.join(bad)}; valid keywords: {', '.join(valid) or '(none)'}")
-    try: return METHODS[name](**hparams)
+    try: return factory(**hparams)
     except TypeError as e:
         if "keyword" not in str(e) and "argument" not in str(e): raise
         raise ValueError(f"method {name!r}: {e}; valid keywords: {', '.join(valid) if valid else 'see help(get_method' + repr((name,)) + ')'}") from None
@@ -142,6 +145,22 @@ def method_keywords(factory) -> list[str] | None:
         if not inspect.isclass(factory) and any(p.kind == p.VAR_KEYWORD for p in ps): return None
         names += [p.name for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
     return names
+
+# %% ../nbs/04_train.ipynb #ba231b4e
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method name, looked up once: the keywords its factory takes and the tags it was registered with."""
+    name: str
+    keywords: tuple[str, ...] | None = None   # `method_keywords` of the factory; None when it is open (**kw)
+    tags: frozenset[str] = frozenset()        # given to `register_method`, e.g. {"ema"}
+    def takes(self, keyword: str) -> bool:
+        "True when the factory names `keyword` (an open factory names none)."
+        return self.keywords is not None and keyword in self.keywords
+
+def method_spec(name: str) -> MethodSpec:
+    """The `MethodSpec` of the registered method `name` (a ValueError for an unregistered name, as `get_method` gives)."""
+    kw = method_keywords(_registered(name))
+    return MethodSpec(name, None if kw is None else tuple(kw), METHOD_TAGS.get(name, frozenset()))
 
 # %% ../nbs/04_train.ipynb #53db9260
 def _prep(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -391,48 +410,3 @@ def fit(model: nn.Module, train: LabeledData, val: LabeledData, test: LabeledDat
         if stop: break
     bar.close()
     return _result(tr)
-
-# %% ../nbs/04_train.ipynb #1c05e553
-@dataclass
-class NoisySplits:
-    """Training and validation sets with noisy labels, the clean test set, and the noise that was applied."""
-    train: LabeledData
-    val: LabeledData
-    test: LabeledData
-    train_noise: NoisyLabels
-    val_noise: NoisyLabels | None
-
-_NOISE_DATASET = {"mnist5k": "mnist"}
-
-def _noise_kw(kind: str, data: LabeledData, noise_kw: dict) -> dict:
-    """Keyword arguments for `corrupt_labels` restricted to the examples of `data`."""
-    kw = dict(noise_kw)
-    if kind == "asymmetric": kw.setdefault("dataset", _NOISE_DATASET.get(data.name, data.name))
-    if kind == "instance": kw.setdefault("images", data.x)
-    if kind == "idn" and "softmax" in kw: kw["softmax"] = torch.as_tensor(kw["softmax"])[data.index]
-    return kw
-
-def _corrupt(data: LabeledData, kind: str, rate: float, seed: int, noise_kw: dict) -> tuple[LabeledData, NoisyLabels]:
-    """`data` with corrupted labels, and the `NoisyLabels` record."""
-    nl = corrupt_labels(data.y, kind, rate, num_classes=data.num_classes, seed=seed, **_noise_kw(kind, data, noise_kw))
-    return data.with_labels(nl.labels), nl
-
-def noisy_splits(dataset: str | LabeledData, noise_type: str, noise: float, n_train: int | None = None, val: float | int = 0.2,
-                 seed: int = 0, how: str = "random", noise_first: bool = False, clean_val: bool = False, test: LabeledData | None = None,
-                 root=None, **noise_kw) -> NoisySplits:
-    """Load `dataset`, hold out `val`, subsample `n_train`, and corrupt the labels (LIMIT's order, or CDR's with `noise_first`)."""
-    full = load_dataset(dataset, "train", root) if isinstance(dataset, str) else dataset
-    test = test if test is not None else load_dataset(full.name, "test", root)
-    if noise_first:                                              # CDR: noise over the full training set, then split
-        noisy_full, nl = _corrupt(full, noise_type, noise, seed, noise_kw)
-        tr, va = split_train_val(noisy_full, val, seed, how)
-        tr = subsample(tr, n_train, seed)
-        train_noise = nl.subset(tr.index); val_noise = None if clean_val else nl.subset(va.index)
-        if clean_val: va = va.with_labels(full.y[va.index])
-        return NoisySplits(tr, va, test, train_noise, val_noise)
-    tr, va = split_train_val(full, val, seed, how)                  # LIMIT: split, subset, then noise on train and val
-    tr = subsample(tr, n_train, seed)
-    tr, train_noise = _corrupt(tr, noise_type, noise, seed, noise_kw)
-    val_noise = None
-    if not clean_val: va, val_noise = _corrupt(va, noise_type, noise, seed + 10_000, noise_kw)
-    return NoisySplits(tr, va, test, train_noise, val_noise)

@@ -11,7 +11,7 @@ from noisyrepro.cdr_aux import (AUX, CDR, CDRAUX, CDRRDI, RDI, SGD, aux_min_norm
                                 method_hparams, noise_options, num_critical, paired_gap, per_example_loss, rdi_penalty, report_config)
 from noisyrepro.data import normalize, subsample
 from noisyrepro.models import get_model
-from noisyrepro.train import noisy_splits
+from noisyrepro.splits import noisy_splits
 
 
 def _mlp(seed=0):

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 import torchvision
 from noisyrepro.data import LabeledData
 from noisyrepro.models import get_model
-from noisyrepro.results import best_state, load_results, run_experiment
+from noisyrepro.results import load_results
+from noisyrepro.experiment import best_state, run_experiment
 from noisyrepro.train import Trainer, TrainConfig, fit, get_method, predict_logits
-from noisyrepro.dmi import (DMI, DMI_METHODS, DMI_PROTOCOL, CEDMI, LCCN, channel_joint, classifier_joint, dmi, dmi_grad_U, dmi_loss,
+from noisyrepro.losses import dmi_loss
+from noisyrepro.dmi import (DMI, DMI_METHODS, DMI_PROTOCOL, CEDMI, LCCN, channel_joint, classifier_joint, dmi, dmi_grad_U,
                             dmi_lr_grid, dmi_matrix, dmi_method_hparams, dmi_model, dmi_search_pick, dmi_splits, dmi_train_config,
                             hadamard_bound, l_dmi, lccn_transition, load_ce_state, random_joint, random_transition, shannon_mi)
 from test_data import make_synthetic_cifar, _write_jpg

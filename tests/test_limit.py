@@ -148,7 +148,7 @@ def test_plus_init_has_its_own_name_and_needs_a_state():
 def test_restore_rebuilds_q_from_a_recorded_run():
     "Figs A1-A3 draw from recorded runs: a fresh LIMIT method rebuilds q from the saved state (no trainer), equal to the trained q."
     from noisyrepro.limit import limit_scores
-    from noisyrepro.train import noisy_splits
+    from noisyrepro.splits import noisy_splits
     sp = noisy_splits("mnist5k", "symmetric", 0.5, n_train=200, val=0.2, seed=42)
     cfg = TrainConfig(epochs=1, batch_size=256, normalize="limit_mnist", device="cpu", progress=False)
     m = get_method("LIMIT_L-S", beta=10.0)

@@ -181,8 +181,9 @@ def test_run_experiment_logs_one_line_per_run(tmp_path, capsys):
     "Every finished, skipped or resumed run writes one line to stderr (papermill shows it with --log-output) (issue 14)."
     import dataclasses
     from noisyrepro.models import get_model
-    from noisyrepro.results import run_experiment
-    from noisyrepro.train import TrainConfig, noisy_splits
+    from noisyrepro.experiment import run_experiment
+    from noisyrepro.splits import noisy_splits
+    from noisyrepro.train import TrainConfig
     sp = noisy_splits("mnist5k", "symmetric", 0.5, n_train=64, seed=0)
     meta = {"paper": "demo", "experiment": "log", "dataset": "mnist5k", "noise_type": "symmetric", "noise": 0.5, "scale": "test"}
     cfg = TrainConfig(epochs=1, batch_size=32, device="cpu", progress=False)
