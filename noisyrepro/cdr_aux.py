@@ -9,13 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .train import Method, TrainConfig, method_spec, register_method
+from .experiment import NOISE, Protocol, ScoreEntry
+from .train import Method, TrainConfig, register_method
 
 # %% auto #0
-__all__ = ['CDR_RULES', 'AUX_LOSSES', 'REPORT_METHODS', 'REPORT_NOISE_TYPES', 'REPORT_NOISES', 'cdr_parameters', 'criticality',
-           'num_critical', 'critical_masks', 'cdr_mask_gradients', 'drop_momentum', 'CDR', 'per_example_loss',
-           'rdi_penalty', 'kernel_ridge_weights', 'aux_min_norm', 'kernel_ridge_predict', 'AUX', 'RDI', 'SGD', 'CDRAUX',
-           'CDRRDI', 'report_config', 'noise_options', 'matched_rdi_lamb', 'method_hparams', 'paired_gap']
+__all__ = ['CDR_RULES', 'AUX_LOSSES', 'REPORT_METHODS', 'REPORT_NOISE_TYPES', 'REPORT_NOISES', 'PAPER_SETTINGS', 'TABLE1', 'FIG1',
+           'FIG2', 'RULES', 'CI_SMOKE', 'SCORECARD', 'cdr_parameters', 'criticality', 'num_critical', 'critical_masks',
+           'cdr_mask_gradients', 'drop_momentum', 'CDR', 'per_example_loss', 'rdi_penalty', 'kernel_ridge_weights',
+           'aux_min_norm', 'kernel_ridge_predict', 'AUX', 'RDI', 'SGD', 'CDRAUX', 'CDRRDI', 'report_train',
+           'report_config', 'noise_options', 'matched_rdi_lamb', 'table1_hparams']
 
 # %% ../nbs/08_cdr_aux.ipynb #f0c8008c
 def cdr_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -119,9 +121,11 @@ class AUX(Method):
         self.lamb, self.aux_lr, self.loss_name, self.b, self.log = float(lamb), aux_lr, loss, None, []
         super().__init__(**kw)
     def setup(self, tr):
-        "b = 0 ∈ R^{n×c}, on the training device."
+        "b = 0 ∈ R^{n×c}, on the training device; each epoch's record in the trainer's history gets `train_acc_aux`."
         self.b = torch.zeros(len(tr.train), tr.train.num_classes, device=tr.device)
         self._hits, self._seen = torch.zeros((), device=tr.device), 0
+        epoch = tr.train_epoch                                                  # the FitResult's history then holds Fig. 1's curve
+        tr.train_epoch = lambda: epoch() | {"train_acc_aux": self.log[-1]["train_acc_aux"]}
         super().setup(tr)
     def loss(self, tr, logits, y, idx, x):
         "Mean of ℓ(f(W, x_i) + λ b_i, ỹ_i) over the batch."
@@ -186,11 +190,14 @@ REPORT_METHODS = ["SGD", "CDR", "AUX", "CDR+AUX"]
 REPORT_NOISE_TYPES = ["instance", "asymmetric", "pairflip", "symmetric"]
 REPORT_NOISES = [0.2, 0.4, 0.7]
 
+def report_train(epochs: int = 100, **kw) -> dict:
+    "The report's (= CDR's MNIST) training as `TrainConfig` fields, a protocol's `train`: batch 32, SGD lr 0.01, momentum 0.9, weight decay 1e-3, lr ×0.1 after epochs 9 and 19, fp32."
+    return dict(epochs=epochs, batch_size=32, lr=0.01, optimizer="sgd", momentum=0.9, weight_decay=1e-3, schedule="multistep",
+                milestones=(9, 19), gamma=0.1, normalize="mnist", amp=False, progress=False) | kw   # fp32, as the authors ran (criticality ranks tiny |g·w|)
+
 def report_config(epochs: int = 100, seed: int = 1, device: str = "auto", **kw) -> TrainConfig:
-    "The report's (= CDR's MNIST) training: batch 32, SGD lr 0.01, momentum 0.9, weight decay 1e-3, lr ×0.1 after epochs 9 and 19."
-    return TrainConfig(**(dict(epochs=epochs, batch_size=32, lr=0.01, optimizer="sgd", momentum=0.9, weight_decay=1e-3,
-                               schedule="multistep", milestones=(9, 19), gamma=0.1, normalize="mnist", seed=seed, device=device,
-                               amp=False) | kw))                                     # fp32, as the authors ran (criticality ranks tiny |g·w|)
+    "The report's training (`report_train`) as a `TrainConfig` for one seed and device."
+    return TrainConfig(**(report_train(epochs, progress=None) | dict(seed=seed, device=device) | kw))
 
 def noise_options(noise_type: str) -> dict:
     "Extra `corrupt_labels` options for the report's noise: CDR's MNIST asymmetric map has no 7→1."
@@ -201,27 +208,51 @@ def matched_rdi_lamb(lamb: float, cfg: TrainConfig) -> float:
     return lamb * math.sqrt((1 - cfg.momentum) * cfg.batch_size)  # λ_AUX² η = λ_RDI² η/((1−μ)B)
 
 # %% ../nbs/08_cdr_aux.ipynb #7c1863d4
-def method_hparams(method: str, noise: float, lamb: float, rdi_lamb: float, tau: float | None = None,
-                   aux_lr: float | None = None, rule: str = "code") -> dict:
-    "Hyper-parameters of one of the six methods at nominal noise rate `noise` (CDR's τ defaults to it)."
-    valid = ("SGD", "CDR", "AUX", "CDR+AUX", "RDI", "CDR+RDI")
-    if method not in valid: raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(valid)}")
-    spec = method_spec(method)
-    hp = {"tau": noise if tau is None else tau, "rule": rule} if spec.takes("tau") else {}    # CDR, CDR+AUX, CDR+RDI
-    if spec.takes("aux_lr"): hp |= {"lamb": lamb, "aux_lr": aux_lr}                        # AUX, CDR+AUX: b has its own step
-    elif "rdi" in spec.tags: hp |= {"lamb": rdi_lamb}                                      # RDI, CDR+RDI: RDI's λ (both take lamb)
-    return hp
+def table1_hparams(methods=REPORT_METHODS, lamb: float = 10.0, rdi_lamb: float | None = None, tau=NOISE, aux_lr: float | None = None,
+                   rule: str = "code") -> dict:
+    "A protocol's `hparams` for `methods` (of SGD, CDR, AUX, CDR+AUX, RDI, CDR+RDI): CDR's τ (NOISE: the run's noise rate) and rule, AUX's λ and b's lr, RDI's λ (None: matched to AUX's)."
+    rdi = round(matched_rdi_lamb(lamb, report_config()), 4) if rdi_lamb is None else rdi_lamb
+    cdr, aux = {"tau": tau, "rule": rule}, {"lamb": lamb, "aux_lr": aux_lr}
+    hp = {"CDR": cdr, "AUX": aux, "CDR+AUX": cdr | aux, "RDI": {"lamb": rdi}, "CDR+RDI": cdr | {"lamb": rdi}}   # SGD has none
+    return {m: hp[m] for m in methods if m in hp}
 
-# %% ../nbs/08_cdr_aux.ipynb #1a0f0803
-def paired_gap(a, b, z: float = 2.0) -> dict:
-    """Gap mean(a − b) of two methods' per-seed accuracies paired by seed (dicts keyed by seed, or equal-length lists in seed
-    order), its standard error sd(a − b)/√n, and the verdict 'above noise' (|gap| > z·s.e.) or 'within noise'; n = 1: no estimate."""
-    if not hasattr(a, "keys") and not hasattr(b, "keys") and len(a) != len(b):
-        raise ValueError(f"lists of {len(a)} and {len(b)} accuracies; pass equal-length lists in seed order, or dicts keyed by seed")
-    a, b = (dict(x) if hasattr(x, "keys") else dict(enumerate(x)) for x in (a, b))
-    seeds = sorted(a.keys() & b.keys())
-    if not seeds: raise ValueError("no common seeds; pass per-seed accuracies as dicts keyed by seed, or lists in the same seed order")
-    d = [float(a[s]) - float(b[s]) for s in seeds]; n = len(d); gap = sum(d) / n     # d_s = a_s − b_s
-    se = math.sqrt(sum((x - gap) ** 2 for x in d) / (n - 1) / n) if n > 1 else math.nan  # sd(d)/√n
-    verdict = "one seed: no noise estimate" if n < 2 else "above noise" if abs(gap) > z * se else "within noise"
-    return {"gap": gap, "se": se, "n": n, "verdict": verdict}
+# %% ../nbs/08_cdr_aux.ipynb #91172ba3
+_SEEDS = (1, 2, 3)                                          # CDR's --seed default is 1
+PAPER_SETTINGS = tuple((nt, p) for nt in REPORT_NOISE_TYPES for p in REPORT_NOISES)
+_REPORT = dict(paper="CDR+AUX", module="noisyrepro.cdr_aux", dataset="mnist", model="lenet", experiment="mnist", seeds=_SEEDS,
+               splits={"val": 0.1, "noise_first": True},     # noise over the whole training set, then 54k/6k (noisy validation)
+               splits_by_noise={nt: noise_options(nt) for nt in REPORT_NOISE_TYPES if noise_options(nt)}, train=report_train(100))
+_QUICK, _PAPER = {"train": report_train(5)}, {"train": report_train(100)}
+
+TABLE1 = Protocol("cdr_table1", methods=tuple(REPORT_METHODS), settings=PAPER_SETTINGS, hparams=table1_hparams(), paper_table=1,
+                  baseline="SGD", selection="fixed: CDR's τ = the run's noise rate, λ = 10 (AUX, CDR+AUX), no search",
+                  title="CDR+AUX report, Table 1 (MNIST, LeNet; the report gives single values at an unstated epoch)",
+                  presets={"quick": _QUICK | {"settings": (("pairflip", 0.4), ("pairflip", 0.7))}, "paper": _PAPER | {"settings": PAPER_SETTINGS}},
+                  **_REPORT)
+FIG1 = Protocol("cdr_fig1", methods=("AUX",), settings=tuple(("symmetric", p) for p in REPORT_NOISES), hparams=table1_hparams(["AUX"]),
+                selection="one AUX run per noise rate (seed 1): its per-epoch curves", title="CDR+AUX report, Fig. 1 (AUX, symmetric noise)",
+                presets={"quick": _QUICK | {"settings": (("symmetric", 0.4),)}, "paper": _PAPER | {"settings": tuple(("symmetric", p) for p in REPORT_NOISES)}},
+                **_REPORT | {"seeds": (1,)})
+FIG2 = Protocol("cdr_fig2", methods=("CDR+AUX",), settings=PAPER_SETTINGS[:3], hparams=table1_hparams(["CDR+AUX"]),
+                grids={"CDR+AUX": {"lamb": [1.0, 3.0, 10.0, 30.0, 100.0]}}, selection="every λ shown; λ = 0 is Table 1's CDR run",
+                title="CDR+AUX report, Fig. 2 (CDR+AUX, test accuracy against λ)",
+                presets={"quick": _QUICK | {"settings": (("pairflip", 0.4),), "grids": {"CDR+AUX": {"lamb": [3.0, 10.0, 30.0]}}},
+                         "paper": _PAPER | {"settings": PAPER_SETTINGS[:3], "grids": {"CDR+AUX": {"lamb": [1.0, 3.0, 10.0, 30.0, 100.0]}}}},
+                **_REPORT)
+RULES = Protocol("cdr_rules", methods=("CDR",), settings=PAPER_SETTINGS[:1], hparams={"CDR": {"tau": NOISE}},
+                 grids={"CDR": {"rule": list(CDR_RULES)}}, selection="both rules shown (ours, not in the report)",
+                 title="CDR's two update rules (code: momentum on masked gradients; paper: decay alone)",
+                 presets={"quick": _QUICK | {"settings": (("pairflip", 0.4),)}, "paper": _PAPER | {"settings": PAPER_SETTINGS[:1]}}, **_REPORT)
+CI_SMOKE = {"dataset": "mnist5k", "seeds": (1,), "train": report_train(10)}   # nbdev_test's quick scale: 4,000 images, 1 seed, 10 epochs
+
+# %% ../nbs/08_cdr_aux.ipynb #c53483bb
+_RDI = {"methods": ("SGD", "RDI", "CDR+RDI"), "hparams": table1_hparams(("RDI", "CDR+RDI"))}
+SCORECARD = [
+    ScoreEntry("CDR+AUX", "Table 1 (SGD, CDR, AUX, CDR+AUX; 4 noise types × 20/40/70%)", "08_cdr_aux", TABLE1.at("paper")),
+    ScoreEntry("CDR+AUX", "Table 1, quick subset (pairflip 40/70%, 5 epochs)", "08_cdr_aux", TABLE1.at("quick")),
+    ScoreEntry("CDR+AUX", "Fig. 1 (AUX: training and validation accuracy, symmetric 20/40/70%)", "08_cdr_aux", FIG1.at("paper")),
+    ScoreEntry("CDR+AUX", "Fig. 1, quick (symmetric 40%, 5 epochs)", "08_cdr_aux", FIG1.at("quick")),
+    ScoreEntry("CDR+AUX", "Fig. 2 (CDR+AUX test accuracy against λ)", "08_cdr_aux", FIG2.at("paper")),
+    ScoreEntry("CDR+AUX", "Fig. 2, quick (pairflip 40%, λ = 3/10/30, 5 epochs)", "08_cdr_aux", FIG2.at("quick")),
+    ScoreEntry("CDR+AUX", "§4 text: RDI and CDR+RDI reach poor accuracy (no numbers)", "08_cdr_aux", TABLE1.at("paper", **_RDI)),
+]

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_dmi.ipynb #a106226a
 from __future__ import annotations
-import copy, itertools, math, warnings
+import copy, dataclasses, itertools, json, math, os, warnings
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -15,13 +15,15 @@ from .baselines import GCE, Forward
 from .losses import _det_dtype, dmi_loss, forward_loss, gce_loss
 from .splits import NoisySplits, noisy_splits
 from .train import Method, TrainConfig, method_spec, predict_logits, register_method, _to_cpu
+from .experiment import Protocol, ScoreEntry, expand
 
 # %% auto #0
-__all__ = ['DMI_METHODS', 'EXPERIMENTS', 'DMI_PROTOCOL', 'dmi_lr_grid', 'random_transition', 'random_joint', 'dmi', 'shannon_mi',
-           'channel_joint', 'hadamard_bound', 'classifier_joint', 'l_dmi', 'dmi_matrix', 'dmi_grad_U', 'SelectsOwnBest',
-           'CEDMI', 'load_ce_state', 'DMI', 'FWDMI', 'GCEDMI', 'lccn_counts', 'lccn_transition', 'lccn_posterior',
-           'lccn_move', 'LCCN', 'fashion_bags', 'decode_images', 'dmi_splits', 'dmi_train_config', 'dmi_model',
-           'dmi_method_hparams', 'dmi_search_pick']
+__all__ = ['DMI_METHODS', 'EXPERIMENTS', 'DMI_PROTOCOLS', 'dmi_lr_grid', 'SCORECARD', 'random_transition', 'random_joint', 'dmi',
+           'shannon_mi', 'channel_joint', 'hadamard_bound', 'classifier_joint', 'l_dmi', 'dmi_matrix', 'dmi_grad_U',
+           'SelectsOwnBest', 'CEDMI', 'load_ce_state', 'DMI', 'FWDMI', 'GCEDMI', 'lccn_counts', 'lccn_transition',
+           'lccn_posterior', 'lccn_move', 'LCCN', 'fashion_bags', 'decode_images', 'dmi_splits', 'dmi_protocol_names',
+           'dmi_protocol_splits', 'dmi_protocol_model', 'dmi_model', 'dmi_train_config', 'dmi_overrides',
+           'dmi_search_protocols', 'dmi_search_pick', 'h0_accuracy', 'dmi_search_candidates']
 
 # %% ../nbs/07_dmi.ipynb #122c4fa2
 def random_transition(num_classes: int, generator: torch.Generator, n: int | None = None, sharpness: float = 1.0) -> Tensor:
@@ -395,58 +397,130 @@ def dmi_splits(experiment: str, noise: float | None, seed: int = 0, case: int = 
 
 # %% ../nbs/07_dmi.ipynb #16782e21
 _R10 = [round(0.1 * i, 1) for i in range(10)]
-DMI_PROTOCOL = {
-    "fmnist": {"dataset": "fashion_bags", "model": "dmi_fmnist_cnn", "normalize_U": True, "noise": _R10, "methods": ["CE-DMI", "DMI"],
-               "CE-DMI": dict(epochs=20, batch_size=128, lr=1e-4, normalize="mnist"),
-               "DMI": dict(epochs=20, batch_size=128, lr=1e-4, normalize="mnist")},
-    "mr": {"dataset": "mr", "model": "wordcnn", "normalize_U": False, "noise": _R10, "methods": DMI_METHODS,
-           "CE-DMI": dict(epochs=50, batch_size=128, lr=1e-3, normalize=None),
-           "FW-DMI": dict(epochs=50, batch_size=128, lr=1e-4, normalize=None),
-           "GCE-DMI": dict(epochs=50, batch_size=128, lr=1e-4, normalize=None),
-           "LCCN-DMI": dict(epochs=50, batch_size=128, lr=1e-4, optimizer="sgd", weight_decay=1e-4, normalize=None),
-           "DMI": dict(epochs=50, batch_size=128, lr=1e-4, normalize=None),
-           "lccn": {"warmup": 1000, "every": 100, "select": "acc", "reduction": "sum"}},     # MR/main.py train_lccn
-    "cifar10": {"dataset": "cifar10", "model": "resnet34_cifar", "normalize_U": False, "noise": [0.0, 0.2, 0.4, 0.6, 0.8], "methods": DMI_METHODS,
-                "CE-DMI": dict(epochs=120, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=1e-4, schedule="multistep", milestones=(40, 80), normalize="imagenet", augment="crop_flip"),
-                "FW-DMI": dict(epochs=120, batch_size=256, lr=0.01, optimizer="sgd", weight_decay=1e-4, schedule="multistep", milestones=(40, 80), normalize="imagenet", augment="crop_flip"),
-                "GCE-DMI": dict(epochs=120, batch_size=256, lr=0.01, optimizer="sgd", weight_decay=1e-4, schedule="multistep", milestones=(40, 80), normalize="imagenet", augment="crop_flip"),
-                "LCCN-DMI": dict(epochs=120, batch_size=256, lr=0.5, optimizer="sgd", weight_decay=1e-4, schedule="multistep", milestones=(40,), gamma=0.2, normalize="imagenet", augment="crop_flip"),   # 0.5, 0.1 from 40
-                "DMI": dict(epochs=100, batch_size=256, lr=1e-6, optimizer="sgd", weight_decay=1e-4, normalize="imagenet", augment="crop_flip"),
-                "select": "acc"},                                     # CIFAR-10/DMI.py selects by noisy-validation accuracy (CE model scored first)
-    "dogs_vs_cats": {"dataset": "dogs_vs_cats", "model": "vgg16", "normalize_U": False, "noise": [0.0, 0.2, 0.4, 0.6, 0.8],
-                     "methods": [m for m in DMI_METHODS if m != "LCCN-DMI"],          # dogcat/LCCN.py selects on test accuracy
-                     "CE-DMI": dict(epochs=50, batch_size=128, lr=1e-4, optimizer="sgd", weight_decay=1e-4, normalize="imagenet", augment="flip"),
-                     "FW-DMI": dict(epochs=50, batch_size=128, lr=1e-4, optimizer="sgd", weight_decay=1e-4, normalize="imagenet", augment="flip"),
-                     "GCE-DMI": dict(epochs=50, batch_size=128, lr=1e-3, optimizer="sgd", weight_decay=1e-4, normalize="imagenet", augment="flip"),
-                     "DMI": dict(epochs=50, batch_size=128, lr=1e-5, optimizer="sgd", weight_decay=1e-4, normalize="imagenet", augment="flip")},
-    "clothing1m": {"dataset": "clothing1m", "model": "resnet50", "normalize_U": False, "noise": [None], "methods": ["CE-DMI", "DMI"], "select": "acc",
-                   "include_start": False,                             # clothing/main.py starts from best_acc = 0: the CE model is no candidate
-                   "CE-DMI": dict(epochs=10, batch_size=256, lr=0.01, optimizer="sgd", weight_decay=1e-3, schedule="multistep", milestones=(5,), normalize="imagenet", augment="crop_flip", pad=16),
-                   "DMI": dict(epochs=10, batch_size=256, lr=1e-6, optimizer="sgd", weight_decay=1e-3, schedule="multistep", milestones=(5,), gamma=0.5, normalize="imagenet", augment="crop_flip", pad=16)},
-}
-dmi_lr_grid = {"lr": [1e-4, 1e-5, 1e-6], "batch_size": [128, 256]}   # the paper's DMI grid (§5): the sweep's dmi_search=True
+_SPLITS, _MODEL = "noisyrepro.dmi:dmi_protocol_splits", "noisyrepro.dmi:dmi_protocol_model"
+_NAMES = {"CE-DMI": "CE", "FW-DMI": "FW", "GCE-DMI": "GCE", "LCCN-DMI": "LCCN"}     # ours -> the paper's (CE-DMI is the CE stage)
+_NEEDS = {m: ("ce_state", "CE-DMI") for m in DMI_METHODS[1:]}                       # every method starts from the CE model
+_SEL = ("as the authors' scripts, per method: CE-DMI max noisy-val accuracy (later of ties); DMI max validation −L_DMI "
+        "(CIFAR-10, Clothing1M: accuracy); FW-DMI, GCE-DMI their own validation loss; LCCN-DMI −CE of the softmax (MR: accuracy)")
+_only = lambda d, ms: {m: v for m, v in d.items() if m in ms}
+_quick_cfg = lambda cfg, epochs: cfg | {"epochs": epochs, "lr": 1e-3, "eval_batch_size": 256}   # quick: ~50x fewer steps, so lr 1e-3
 
-def dmi_train_config(experiment: str, method: str, seed: int = 0, device: str = "auto", **override) -> TrainConfig:
-    "The `TrainConfig` of `method` (CE-DMI, FW-DMI, GCE-DMI, LCCN-DMI or DMI) in an L_DMI experiment, with `override`s."
-    _check_experiment(experiment); P = DMI_PROTOCOL[experiment]
-    if method not in P: raise ValueError(f"method {method!r} is not in the {experiment} protocol; valid: {', '.join(m for m in DMI_METHODS if m in P)}")
-    return TrainConfig(**(P[method] | {"seed": seed, "device": device, "amp": False} | override))   # fp32, as the authors ran
+def _dmi(name: str, experiment: str, dataset: str, model: str, num_classes: int, methods, settings, train_by_method: dict, hparams: dict,
+         title: str, **kw) -> Protocol:
+    "One L_DMI experiment as a `Protocol` at paper scale (the scripts' settings): CE-DMI first, every other method from its best state."
+    return Protocol(name, "DMI", "noisyrepro.dmi", dataset, model, methods=tuple(methods), settings=tuple(settings), seeds=(0, 1, 2, 3, 4),
+                    num_classes=num_classes, hparams=_only(hparams, methods), train={"amp": False},            # fp32, as the authors ran
+                    train_by_method=_only(train_by_method, methods), needs=_only(_NEEDS, methods), splits_fn=_SPLITS, model_fn=_MODEL,
+                    selection=_SEL, experiment=experiment, paper_names=_NAMES, baseline="CE-DMI", title=title, **kw)
+
+_FM = dict(epochs=20, batch_size=128, lr=1e-4, normalize="mnist")
+_MR = dict(epochs=50, batch_size=128, normalize=None)
+_C10 = dict(epochs=120, batch_size=256, optimizer="sgd", weight_decay=1e-4, schedule="multistep", milestones=(40, 80), normalize="imagenet", augment="crop_flip")
+_DC = dict(epochs=50, batch_size=128, optimizer="sgd", weight_decay=1e-4, normalize="imagenet", augment="flip")
+_CL = dict(epochs=10, batch_size=256, optimizer="sgd", weight_decay=1e-3, schedule="multistep", milestones=(5,), normalize="imagenet", augment="crop_flip", pad=16)
+_CASE = {1: "uniform", 2: "bags → clothes", 3: "clothes → bags"}
+
+DMI_PROTOCOLS = {
+    **{f"fmnist_case{c}": _dmi(
+        f"dmi_fig2_case{c}", "fmnist", "fashion_mnist", "dmi_fmnist_cnn", 2, ["CE-DMI", "DMI"],
+        [("none", 0.0)] + [("asymmetric", r) for r in _R10[1:]],       # r = 0: clean labels, one run shared by the three cases
+        {"CE-DMI": _FM, "DMI": _FM}, {"DMI": {"normalize": True}}, f"L_DMI Fig. 2, Fashion-MNIST bags vs. clothes, case {c} ({_CASE[c]})",
+        splits={"case": c}, splits_by_noise={"none": {"case": None}},
+        presets={"quick": {"settings": (("none", 0.0), ("asymmetric", 0.7)), "seeds": (0, 1), "n_train": (3000,),
+                           "splits": {"case": c, "n_val": 500, "n_test": 1000},
+                           "train_by_method": {"CE-DMI": _quick_cfg(_FM, 4), "DMI": _quick_cfg(_FM, 6)}},
+                 "paper": {}}) for c in (1, 2, 3)},
+    "mr": _dmi("dmi_fig3_mr", "mr", "mr", "wordcnn", 2, DMI_METHODS, [("asymmetric", r) for r in _R10],
+               {"CE-DMI": _MR | {"lr": 1e-3}, "FW-DMI": _MR | {"lr": 1e-4}, "GCE-DMI": _MR | {"lr": 1e-4},
+                "LCCN-DMI": _MR | {"lr": 1e-4, "optimizer": "sgd", "weight_decay": 1e-4}, "DMI": _MR | {"lr": 1e-4}},
+               {"DMI": {"normalize": False}, "LCCN-DMI": {"warmup": 1000, "every": 100, "select": "acc", "reduction": "sum"}},   # MR/main.py train_lccn
+               "L_DMI Fig. 3, MR",
+               presets={"quick": {"methods": ("CE-DMI", "DMI"), "settings": (("asymmetric", 0.0), ("asymmetric", 0.7)), "seeds": (0,),
+                                  "n_train": (3000,), "splits": {"n_val": 500}, "hparams": {"DMI": {"normalize": False}},
+                                  "needs": _only(_NEEDS, ["DMI"]),
+                                  "train_by_method": {"CE-DMI": _quick_cfg(_MR | {"lr": 1e-3}, 3), "DMI": _quick_cfg(_MR | {"lr": 1e-4}, 4)}},
+                        "paper": {}}),
+    "cifar10": _dmi("dmi_fig3_cifar10", "cifar10", "cifar10", "resnet34_cifar", 10, DMI_METHODS, [("asymmetric", r) for r in (0.0, 0.2, 0.4, 0.6, 0.8)],
+                    {"CE-DMI": _C10 | {"lr": 0.1}, "FW-DMI": _C10 | {"lr": 0.01}, "GCE-DMI": _C10 | {"lr": 0.01},
+                     "LCCN-DMI": _C10 | {"lr": 0.5, "milestones": (40,), "gamma": 0.2},                                       # 0.5, 0.1 from 40
+                     "DMI": {k: v for k, v in _C10.items() if k not in ("schedule", "milestones")} | {"epochs": 100, "lr": 1e-6}},
+                    {"DMI": {"normalize": False, "select": "acc"}},   # CIFAR-10/DMI.py selects by noisy-validation accuracy (CE model scored first)
+                    "L_DMI Fig. 3, CIFAR-10", presets={"paper": {}}),
+    "dogs_vs_cats": _dmi("dmi_fig3_dogs_vs_cats", "dogs_vs_cats", "dogs_vs_cats", "vgg16", 2,
+                         [m for m in DMI_METHODS if m != "LCCN-DMI"], [("asymmetric", r) for r in (0.0, 0.2, 0.4, 0.6, 0.8)],   # dogcat/LCCN.py selects on test accuracy
+                         {"CE-DMI": _DC | {"lr": 1e-4}, "FW-DMI": _DC | {"lr": 1e-4}, "GCE-DMI": _DC | {"lr": 1e-3}, "DMI": _DC | {"lr": 1e-5}},
+                         {"DMI": {"normalize": False}}, "L_DMI Fig. 3, Dogs vs. Cats", presets={"paper": {}}),
+    "clothing1m": _dmi("dmi_table1_clothing1m", "clothing1m", "clothing1m", "resnet50", 14, ["CE-DMI", "DMI"], [("real", None)],
+                       {"CE-DMI": _CL | {"lr": 0.01}, "DMI": _CL | {"lr": 1e-6, "gamma": 0.5}},
+                       {"DMI": {"normalize": False, "select": "acc", "include_start": False}},   # clothing/main.py starts from best_acc = 0: the CE model is no candidate
+                       "L_DMI Table 1, Clothing1M", paper_table=1, presets={"paper": {}}),
+}
+dmi_lr_grid = {"lr": [1e-4, 1e-5, 1e-6], "batch_size": [128, 256]}   # the paper's DMI grid (§5): dmi_search=True
+
+def dmi_protocol_names(experiments, cases=(1, 2, 3)) -> list[str]:
+    "The keys of `DMI_PROTOCOLS` for `experiments` (Fashion-MNIST: one per case in `cases`)."
+    exps = [experiments] if isinstance(experiments, str) else list(experiments)
+    for e in exps: _check_experiment(e)
+    return [n for e in exps for n in ([f"fmnist_case{c}" for c in cases] if e == "fmnist" else [e])]
+
+def _protocol_of(experiment: str) -> Protocol:
+    "The protocol whose models and training settings an experiment uses (Fashion-MNIST: the three cases share them)."
+    _check_experiment(experiment)
+    return DMI_PROTOCOLS["fmnist_case1" if experiment == "fmnist" else experiment]
+
+def dmi_protocol_splits(dataset: str, noise_type: str, noise: float | None, n_train: int | None = None, seed: int = 0, case: int | None = None,
+                        n_val: int | None = None, n_test: int | None = None) -> NoisySplits:
+    """`noisy_splits`' signature over `dmi_splits` for the protocols: noise type 'none' is clean labels (rate 0, any case).
+    The data root is $NOISYREPRO_DATA and the image-decoding processes $NOISYREPRO_DECODE_WORKERS (default 8): neither changes
+    a run's result, so neither is part of its key."""
+    experiment = "fmnist" if dataset == "fashion_mnist" else dataset
+    if noise_type == "none": noise, case = 0.0, None
+    return dmi_splits(experiment, noise, seed=seed, case=case or 1, n_train=n_train, n_val=n_val, n_test=n_test,
+                      workers=int(os.environ.get("NOISYREPRO_DECODE_WORKERS", 8)))
+
+def dmi_protocol_model(model: str, num_classes: int, seed: int, splits: NoisySplits, **kw) -> nn.Module:
+    "The protocols' model builder: `get_model`, with WordCNN's vocabulary size taken from the training split."
+    from noisyrepro.models import get_model
+    if model == "wordcnn": kw.setdefault("vocab_size", len(splits.train.vocab))
+    return get_model(model, num_classes, seed=seed, **kw)
 
 def dmi_model(experiment: str, splits: NoisySplits, seed: int = 0, **kw) -> nn.Module:
     "The experiment's network for `splits` (WordCNN gets the vocabulary size), initialised with `seed`."
-    from noisyrepro.models import get_model
-    P = DMI_PROTOCOL[experiment]
-    if P["model"] == "wordcnn": kw.setdefault("vocab_size", len(splits.train.vocab))
-    return get_model(P["model"], splits.train.num_classes, seed=seed, **kw)
+    return dmi_protocol_model(_protocol_of(experiment).model, splits.train.num_classes, seed, splits, **kw)
 
-def dmi_method_hparams(experiment: str, method: str, ce_state: dict | None) -> dict:
-    "The hyper-parameters of `method` in an experiment's protocol (the CE state, the 1/N choice, the selection rule, LCCN's schedule)."
-    P = DMI_PROTOCOL[experiment]
-    if not method_spec(method).takes("ce_state"): return {}                       # CE-DMI: it is the CE model
-    hp = {"ce_state": ce_state}
-    if method == "DMI": hp |= {"normalize": P["normalize_U"]} | {k: P[k] for k in ("select", "include_start") if k in P}
-    if method == "LCCN-DMI": hp |= P.get("lccn", {})
-    return hp
+def dmi_train_config(experiment: str, method: str, seed: int = 0, device: str = "auto", **override) -> TrainConfig:
+    "The paper-scale `TrainConfig` of `method` (CE-DMI, FW-DMI, GCE-DMI, LCCN-DMI or DMI) in an L_DMI experiment, with `override`s."
+    P = _protocol_of(experiment)
+    if method not in P.train_by_method: raise ValueError(f"method {method!r} is not in the {experiment} protocol; valid: {', '.join(P.methods)}")
+    return TrainConfig(**(P.train | P.train_by_method[method] | {"seed": seed, "device": device} | override))
+
+def dmi_overrides(protocol: Protocol, scale: str, methods=None, noise=None, seeds: int | None = None, n_train: int | None = None,
+                  epochs: int | None = None, imagenet_init: bool = False) -> dict:
+    "07_dmi's papermill parameters as `protocol.at(scale, **overrides)` overrides (None: the value of the scale)."
+    p, ov = protocol.at(scale), {}
+    if methods is not None:
+        ms = ("CE-DMI", *dict.fromkeys(m for m in ([methods] if isinstance(methods, str) else methods) if m != "CE-DMI"))
+        bad = [m for m in ms if m not in protocol.methods]
+        if bad: raise ValueError(f"method(s) {', '.join(bad)} not in the {protocol.name} protocol; valid: {', '.join(protocol.methods)}")
+        stage = lambda m: p.train_by_method.get(m) or protocol.train_by_method[m] | _only(p.train_by_method["DMI"], ("epochs", "lr", "eval_batch_size"))
+        ov |= {"methods": ms, "train_by_method": {m: stage(m) for m in ms}, "hparams": _only(protocol.hparams, ms), "needs": _only(protocol.needs, ms)}
+    if noise is not None:
+        kind = next(k for k, _ in protocol.settings if k != "none")
+        if kind == "real": raise ValueError(f"noise={noise!r} for {protocol.experiment}; valid: None (its noise is real)")
+        clean = ("none", 0.0) if ("none", 0.0) in protocol.settings else (kind, 0.0)
+        ov["settings"] = protocol.settings if noise == "all" else tuple(clean if r == 0 else (kind, float(r)) for r in (noise if isinstance(noise, (list, tuple)) else [noise]))
+    if seeds is not None: ov["seeds"] = tuple(range(seeds))
+    if n_train is not None: ov["n_train"] = (n_train,)
+    if epochs is not None: ov["train_by_method"] = {m: c | {"epochs": epochs} for m, c in ov.get("train_by_method", p.train_by_method).items()}
+    if imagenet_init and protocol.model == "resnet50": ov["model_kw"] = {"pretrained": True}
+    return ov
+
+def dmi_search_protocols(p: Protocol) -> list[Protocol]:
+    "The paper's DMI search (§5) over `dmi_lr_grid` as protocols: one per batch size, each with a grid over the learning rates (`dmi_search_pick` chooses)."
+    if "DMI" not in p.methods: return [p]
+    return [dataclasses.replace(p.at(grids=p.grids | {"DMI": {"lr": list(dmi_lr_grid["lr"])}},
+                                     train_by_method=p.train_by_method | {"DMI": p.train_by_method["DMI"] | {"batch_size": b}}),
+                                name=f"{p.name}_search_b{b}") for b in dmi_lr_grid["batch_size"]]
 
 def dmi_search_pick(cands, by: tuple = ("experiment", "noise_type", "noise", "seed"), score: str = "search_score"):
     "Per group of `by` (a setting and a seed), the candidate row with the highest `score`, the first in grid order on ties (a DataFrame)."
@@ -456,3 +530,54 @@ def dmi_search_pick(cands, by: tuple = ("experiment", "noise_type", "noise", "se
     if missing: raise ValueError(f"column(s) {', '.join(missing)} missing from the candidates; valid: rows with {', '.join((*by, score))}")
     if d[score].isna().any(): raise ValueError(f"{int(d[score].isna().sum())} candidate(s) have no {score}; valid: a finite score for every grid run")
     return d.loc[d.groupby(list(by), dropna=False, sort=False)[score].idxmax().values].reset_index(drop=True)
+
+# %% ../nbs/07_dmi.ipynb #9b04e926
+def h0_accuracy(protocol: Protocol) -> "pd.DataFrame":
+    "The meaningless classifier h0 (always the majority noisy training label): its test accuracy % per setting and seed of `protocol`."
+    import pandas as pd
+    rows, seen = [], set()
+    for r in expand(protocol):
+        k = (r.noise_type, r.noise, r.n_train, r.seed, json.dumps(r.splits, sort_keys=True))
+        if k in seen: continue
+        seen.add(k)
+        sp = dmi_protocol_splits(r.dataset, r.noise_type, r.noise, n_train=r.n_train, seed=r.seed, **r.splits)
+        majority = torch.bincount(sp.train.y).argmax()                                   # the most frequent noisy label
+        rows.append({"noise_type": r.noise_type, "noise": r.noise, "n_train": r.n_train, "seed": r.seed,
+                     "h0": (sp.test.y == majority).double().mean().item() * 100})
+    return pd.DataFrame(rows, columns=["noise_type", "noise", "n_train", "seed", "h0"])
+
+def dmi_search_candidates(sweeps: list, out_dir: str | Path, device: str = "auto") -> "pd.DataFrame":
+    """The DMI runs of `dmi_search_protocols` sweeps (`SweepResult`s that kept DMI's FitResults) with the validation −L_DMI (whole set,
+    U/N, no ε) of the model each selected: one row per run, `table` naming the protocol searched. The score is kept beside the run
+    (`runs/<key>/dmi_search.json`) and read back when the run was recorded before."""
+    import pandas as pd
+    from noisyrepro.core import get_device
+    from noisyrepro.data import to_device
+    rows, dev = [], get_device(device)
+    for sw in sweeps:
+        for r in (r for r in sw.runs if r.method == "DMI"):
+            f = Path(out_dir) / "runs" / r.key / "dmi_search.json"
+            if f.exists(): score = json.loads(f.read_text())["search_score"]
+            else:
+                res = sw.results.get(r.key)
+                if res is None: raise FileNotFoundError(f"{f} is missing and the sweep kept no FitResult of DMI run {r.key}; valid: sweep(..., keep_result=('DMI',), workers=1)")
+                sp = dmi_protocol_splits(r.dataset, r.noise_type, r.noise, n_train=r.n_train, seed=r.seed, **r.splits)
+                model = dmi_protocol_model(r.model, r.num_classes, r.seed, sp, **r.model_kw).to(dev); model.load_state_dict(res.best_state)
+                val = to_device(sp.val, dev)
+                score = DMI().val_score(predict_logits(model, val, TrainConfig(**(r.train | {"seed": r.seed, "device": str(dev)}))), val.y)
+                f.parent.mkdir(parents=True, exist_ok=True); f.write_text(json.dumps({"search_score": score}))
+            rows.append({"table": r.protocol.rsplit("_search_b", 1)[0], "noise_type": r.noise_type, "noise": r.noise, "seed": r.seed,
+                         "lr": r.train["lr"], "batch_size": r.train["batch_size"], "run_key": r.key, "search_score": score})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/07_dmi.ipynb #1d4ea88c
+_OFFLINE = "cannot be obtained on this machine (offline); the protocol runs with -p scale paper where its files are under the data root"
+SCORECARD = [
+    ScoreEntry("DMI", "Fig. 1 (how L_DMI is computed: a diagram)", "07_dmi",
+               cannot="a diagram, not an experiment; the loss it draws is checked against the authors' code in this notebook"),
+    *[ScoreEntry("DMI", f"Fig. 2, Fashion-MNIST case {c} ({_CASE[c]})", "07_dmi", DMI_PROTOCOLS[f"fmnist_case{c}"]) for c in (1, 2, 3)],
+    ScoreEntry("DMI", "Fig. 3, CIFAR-10", "07_dmi", DMI_PROTOCOLS["cifar10"].at("paper"), cannot=f"CIFAR-10 {_OFFLINE}"),
+    ScoreEntry("DMI", "Fig. 3, Dogs vs. Cats", "07_dmi", DMI_PROTOCOLS["dogs_vs_cats"].at("paper"), cannot=f"Kaggle's Dogs vs. Cats {_OFFLINE}"),
+    ScoreEntry("DMI", "Fig. 3, MR", "07_dmi", DMI_PROTOCOLS["mr"]),
+    ScoreEntry("DMI", "Table 1, Clothing1M", "07_dmi", DMI_PROTOCOLS["clothing1m"].at("paper"), cannot=f"Clothing1M {_OFFLINE}"),
+]

@@ -21,9 +21,9 @@ try: import fcntl
 except ImportError: fcntl = None        # Windows: no advisory locks, so one worker only
 
 # %% auto #0
-__all__ = ['NOISE', 'SCALES', 'run_experiment', 'best_state', 'Protocol', 'Run', 'hparam_grid', 'expand', 'execute', 'lease',
-           'worker_main', 'SweepResult', 'protocol_rows', 'load_results_empty', 'sweep', 'paired_gap', 'select_hparams',
-           'ranking', 'with_paper', 'report', 'ScoreEntry', 'write_scorecard']
+__all__ = ['NOISE', 'SCALES', 'run_experiment', 'best_state', 'Protocol', 'Run', 'hparam_grid', 'expand', 'add_method', 'execute',
+           'lease', 'worker_main', 'SweepResult', 'protocol_rows', 'load_results_empty', 'sweep', 'paired_gap',
+           'select_hparams', 'ranking', 'with_paper', 'report', 'ScoreEntry', 'write_scorecard']
 
 # %% ../nbs/04c_experiment.ipynb #f6207dac
 def _log_run(what: str, method: str, hparams: dict, cfg, key: str, row: dict | None = None, res=None):
@@ -90,7 +90,7 @@ class Protocol:
     """One table or figure of a paper as data: data, noise settings, methods and grids, seeds, schedule, selection, presets."""
     name: str                                          # names the table and the sweep record, e.g. "cdr_table1"
     paper: str                                         # the paper's key in `paper_numbers`: LIMIT, SLN, DMI, CDR+AUX
-    module: str                                        # the module whose import registers the methods (workers import it)
+    module: str                                        # the module(s) whose import registers the methods, comma-separated (workers import them)
     dataset: str
     model: str
     methods: tuple = ()
@@ -99,7 +99,7 @@ class Protocol:
     n_train: tuple = (None,)                           # training-set sizes (None: all)
     num_classes: int = 10
     hparams: dict = field(default_factory=dict)        # method -> fixed hyper-parameters (NOISE: the run's noise rate)
-    grids: dict = field(default_factory=dict)          # method -> {name: [values]}; an "lr" axis sets the training lr
+    grids: dict = field(default_factory=dict)          # method -> {name: [values]}; a TrainConfig field (lr, batch_size) is a training setting
     train: dict = field(default_factory=dict)          # TrainConfig fields of every run
     train_by_method: dict = field(default_factory=dict)  # method -> TrainConfig overrides
     splits: dict = field(default_factory=dict)         # options of the split function (val, how, noise_first, clean_val, noise options)
@@ -134,6 +134,12 @@ class Protocol:
 
 # %% ../nbs/04c_experiment.ipynb #b5971ea9
 def _names(xs) -> str: return ", ".join(map(repr, xs))
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+def _import_modules(modules: str) -> None:
+    "Import each module of a comma-separated list (this registers their methods)."
+    for m in modules.split(","):
+        if m.strip(): importlib.import_module(m.strip())
 
 def _resolve(path: str):
     "The object a 'module:name' string names."
@@ -144,7 +150,7 @@ def _resolve(path: str):
 def _check_protocol(p: Protocol) -> None:
     "Raise ValueError naming every bad value of `p` and the valid ones (all at once)."
     errs = []
-    try: importlib.import_module(p.module)
+    try: _import_modules(p.module)
     except ModuleNotFoundError as e: errs.append(f"module={p.module!r} cannot be imported ({e})")
     for fld in ("splits_fn", "model_fn"):
         if getattr(p, fld) is not None:
@@ -158,7 +164,7 @@ def _check_protocol(p: Protocol) -> None:
         if m not in METHODS: errs.append(f"method {m!r} is not registered; valid: {_names(sorted(METHODS))}"); continue
         valid = method_keywords(METHODS[m])
         for k in {**p.hparams.get(m, {}), **p.grids.get(m, {})}:
-            if k != "lr" and valid is not None and k not in valid:
+            if k not in _TRAIN_FIELDS and valid is not None and k not in valid:
                 errs.append(f"method {m!r} has no keyword {k!r}; valid keywords: {', '.join(valid) or '(none)'}")
         if m in p.needs and valid is not None and p.needs[m][0] not in valid:
             errs.append(f"needs: method {m!r} has no keyword {p.needs[m][0]!r}; valid keywords: {', '.join(valid) or '(none)'}")
@@ -208,6 +214,7 @@ class Run:
     splits_fn: str | None = None        # "module:function" making the splits; None: `noisy_splits`
     model_kw: dict = field(default_factory=dict)
     model_fn: str | None = None         # "module:function" building the model from the splits; None: `get_model`
+    grid: dict = field(default_factory=dict)   # the grid point of this run (recorded for the selection; not part of the key)
 
     @property
     def key(self) -> str:
@@ -227,6 +234,7 @@ def hparam_grid(grid: dict) -> list[dict]:
 def expand(protocol: Protocol) -> list[Run]:
     "Every run of `protocol`, each after the run whose best state it starts from."
     p = protocol
+    _import_modules(p.module)                                         # the registry tells method keywords from training settings
     bases = {b for _, b in p.needs.values()}
     methods = [m for m in dict.fromkeys([*sorted(bases - set(p.methods)), *p.methods])]
     methods.sort(key=lambda m: m not in bases)                       # bases first, otherwise the protocol's order
@@ -237,18 +245,29 @@ def expand(protocol: Protocol) -> list[Run]:
             if i >= p.seeds_by_method.get(m, len(p.seeds)): continue
             for g in hparam_grid(p.grids.get(m, {})):
                 hp = {k: (rate if v == NOISE else v) for k, v in p.hparams.get(m, {}).items()} | g
-                train = p.train | p.train_by_method.get(m, {}) | ({"lr": hp.pop("lr")} if "lr" in hp else {})
+                valid = method_keywords(METHODS[m]) if m in METHODS else None
+                axes = {k: hp.pop(k) for k in list(g) if k in _TRAIN_FIELDS and (valid is None or k not in valid)}   # training settings
+                train = p.train | p.train_by_method.get(m, {}) | axes
                 needs = (p.needs[m][0], base_key[p.needs[m][1]]) if m in p.needs else None
                 r = Run(p.name, p.paper, p.experiment, p.module, p.scale, p.dataset, p.model, p.num_classes, kind, rate, n, seed, m, hp,
                         train, p.splits | p.splits_by_noise.get(kind, {}), needs, keep_state=m in bases, splits_fn=p.splits_fn, model_kw=p.model_kw,
-                        model_fn=p.model_fn)
+                        model_fn=p.model_fn, grid=g)
                 runs.append(r); base_key.setdefault(m, r.key)
     return runs
+
+# %% ../nbs/04c_experiment.ipynb #67de5076
+def add_method(protocol: Protocol, method: str, hparams: dict | None = None, grid: dict | None = None, train: dict | None = None,
+               needs: tuple | None = None, module: str | None = None) -> Protocol:
+    "`protocol` with one more registered method, its hyper-parameters, grid, training overrides and base (apply the scale first); checked."
+    mods = protocol.module + ("," + module if module and module not in protocol.module.split(",") else "")   # workers import them all
+    extra = lambda d, v: d | ({method: v} if v else {})
+    return protocol.at(module=mods, methods=(*protocol.methods, method), hparams=extra(protocol.hparams, hparams), grids=extra(protocol.grids, grid),
+                       train_by_method=extra(protocol.train_by_method, train), needs=extra(protocol.needs, needs))
 
 # %% ../nbs/04c_experiment.ipynb #81b8f07b
 def execute(run: Run, out_dir: str | Path, device: str = "auto", state: dict | None = None, keep_result: bool = False) -> tuple[dict, object]:
     "Train `run` unless `<out_dir>/results.csv` has it (resuming its checkpoint); return (row, FitResult or None)."
-    importlib.import_module(run.module)                                  # registers the run's methods
+    _import_modules(run.module)                                          # registers the run's methods
     hp = dict(run.hparams)
     if run.needs:
         kw, dep = run.needs
@@ -257,7 +276,7 @@ def execute(run: Run, out_dir: str | Path, device: str = "auto", state: dict | N
     sp = split(run.dataset, run.noise_type, run.noise, n_train=run.n_train, seed=run.seed, **run.splits)
     cfg = TrainConfig(**(run.train | {"seed": run.seed, "device": str(get_device(device))}))
     meta = {"paper": run.paper, "experiment": run.experiment, "dataset": run.dataset, "noise_type": run.noise_type, "noise": run.noise,
-            "scale": run.scale, "protocol": run.protocol}
+            "scale": run.scale, "protocol": run.protocol} | ({"grid": run.grid} if run.grid else {})
     model_fn = ((lambda: _resolve(run.model_fn)(run.model, run.num_classes, run.seed, sp, **run.model_kw)) if run.model_fn else
                 (lambda: get_model(run.model, run.num_classes, seed=run.seed, **run.model_kw)))
     return run_experiment(out_dir, meta, model_fn, sp, run.method, hp, cfg,
@@ -303,15 +322,15 @@ def _work(runs: list[Run], out_dir: str | Path, device: str = "auto", keep_resul
     return out
 
 # %% ../nbs/04c_experiment.ipynb #497260d4
-def _write_plan(runs: list[Run], out_dir: Path, device: str) -> Path:
-    "Write the runs of a sweep to `<out_dir>/sweeps/plan-<hash>.json` and return its path."
-    plan = {"out_dir": str(out_dir), "device": device, "runs": [dataclasses.asdict(r) for r in runs]}
+def _write_plan(runs: list[Run], out_dir: Path, device: str, keep=()) -> Path:
+    "Write the runs of a sweep (and the keys whose FitResults are kept) to `<out_dir>/sweeps/plan-<hash>.json`; return its path."
+    plan = {"out_dir": str(out_dir), "device": device, "runs": [dataclasses.asdict(r) for r in runs], "keep": sorted(keep)}
     return atomic_write_text(out_dir / "sweeps" / f"plan-{config_key([r.key for r in runs])}.json", json.dumps(plan, default=str))
 
 def worker_main(plan: str | Path) -> None:
     "Entry point of a worker process: work through the plan file's runs with the others."
     d = json.loads(Path(plan).read_text())
-    _work([Run.from_dict(r) for r in d["runs"]], d["out_dir"], d["device"])
+    _work([Run.from_dict(r) for r in d["runs"]], d["out_dir"], d["device"], keep_result=frozenset(d.get("keep", ())))
 
 # %% ../nbs/04c_experiment.ipynb #b48cbe91
 @dataclass
@@ -371,7 +390,9 @@ def sweep(protocol: Protocol, out_dir: str | Path, workers: int = 1, backend: st
         try:
             if backend == "ray": results = _sweep_ray(runs, out_dir, device, ray_address, gpus_per_run, cpus_per_run, keep, bar)
             elif workers == 1: results = _work(runs, out_dir, device, keep, on_run=lambda r, what: bar.update(what == "trained" or r.key not in before))
-            else: results = _spawn(runs, out_dir, device, workers, bar)
+            else:
+                _spawn(runs, out_dir, device, workers, bar, keep)
+                results = _work([r for r in runs if r.key in keep], out_dir, device, keep)   # recorded: loads their saved FitResults
         finally: bar.close()
     after = done_keys(out_dir)
     trained = len((after - before) & {r.key for r in runs})
@@ -380,9 +401,9 @@ def sweep(protocol: Protocol, out_dir: str | Path, workers: int = 1, backend: st
     return SweepResult(protocol_rows(protocol, out_dir, runs), results, runs, trained, t.seconds)
 
 # %% ../nbs/04c_experiment.ipynb #7ad9ce29
-def _spawn(runs: list[Run], out_dir: Path, device: str, workers: int, bar) -> dict:
-    "Run `workers` worker processes over the plan, updating `bar` from results.csv until they exit."
-    plan = _write_plan(runs, out_dir, device)
+def _spawn(runs: list[Run], out_dir: Path, device: str, workers: int, bar, keep=()) -> None:
+    "Run `workers` worker processes over the plan (saving the FitResults of the keys in `keep`), updating `bar` from results.csv until they exit."
+    plan = _write_plan(runs, out_dir, device, keep)
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))}
     cmd = [sys.executable, "-c", "import sys; from noisyrepro.experiment import worker_main; worker_main(sys.argv[1])", str(plan)]
     procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
@@ -400,7 +421,6 @@ def _spawn(runs: list[Run], out_dir: Path, device: str, workers: int, bar) -> di
     bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
     if bad: raise RuntimeError(f"sweep worker(s) failed: {', '.join(f'worker {i} exit code {rc}' for i, rc in bad)} (see their stderr above); "
                                f"{n} of {len(runs)} runs are recorded in {out_dir} and kept: run the sweep again to continue")
-    return {}
 
 # %% ../nbs/04c_experiment.ipynb #4444bfb2
 def _ray_task(run_d: dict, device: str, state: dict | None) -> tuple[dict, dict | None]:
@@ -450,9 +470,9 @@ def paired_gap(a, b, z: float = 2.0) -> dict:
 _SETTING = ["dataset", "noise_type", "noise", "n_train"]
 
 def select_hparams(df: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
-    "Per setting and method, keep the runs of the hyper-parameters (and lr) with the best mean `metric` over seeds."
+    "Per setting and method, keep the runs of the grid point (hyper-parameters, lr, `grid`) with the best mean `metric` over seeds."
     if df.empty: return df
-    keys, hp = _SETTING + ["method"], ["hparams"] + (["lr"] if "lr" in df.columns else [])
+    keys, hp = _SETTING + ["method"], ["hparams"] + [c for c in ("lr", "grid") if c in df.columns]
     means = df.assign(**{c: df[c].astype(str) for c in hp}).groupby(keys + hp, dropna=False)[metric].mean().reset_index()
     best = means.loc[means.groupby(keys, dropna=False)[metric].idxmax(), keys + hp]
     return df.assign(**{c: df[c].astype(str) for c in hp}).merge(best, on=keys + hp)
@@ -536,7 +556,7 @@ class ScoreEntry:
     paper: str
     item: str                       # e.g. "Table 1, pairflip 40%"
     notebook: str                   # e.g. "08_cdr_aux"
-    protocol: Protocol | None = None
+    protocol: Protocol | None = None  # unscaled (with its presets): runs of every scale are found
     cannot: str | None = None       # why it cannot run here
 
 def _status(entry: ScoreEntry, rows: pd.DataFrame, z: float = 2.0) -> tuple[str, str]:
@@ -574,6 +594,11 @@ def _status(entry: ScoreEntry, rows: pd.DataFrame, z: float = 2.0) -> tuple[str,
     return f"quick scale: {what} ({hits} of {total} paper gaps vs {p.baseline} found above noise, {seeds} seed(s))", cells
 
 # %% ../nbs/04c_experiment.ipynb #a4ecd983
+def _scaled(p: Protocol) -> list[Protocol]:
+    "An unscaled protocol at each of its presets (paper first), so that the scorecard finds runs of any scale; a scaled one as it is."
+    if p.scale is not None or not p.presets: return [p]
+    return [p.at(s) for s in ("paper", "quick") if s in p.presets] + [p.at(s) for s in p.presets if s not in ("paper", "quick")]
+
 def write_scorecard(entries: list[ScoreEntry], root: str | Path | None = None, path: str | Path | None = None) -> str:
     "Render the scorecard of `entries` from every `<root>/<notebook>/*/results.csv` to `path` (default `<root>/SCORECARD.md`); return the text."
     root = Path(root) if root else outputs_dir("x").parent
@@ -588,13 +613,16 @@ def write_scorecard(entries: list[ScoreEntry], root: str | Path | None = None, p
     for e in entries:
         rows, where = pd.DataFrame(), ""
         if e.protocol is not None:
-            runs = expand(e.protocol) if not e.protocol.requires else []
+            runs = [r for q in _scaled(e.protocol) for r in expand(q)] if not e.protocol.requires else []
             hits = [(f, _own_rows(df, runs)) for f, df in found.items()]
             hits = [(f, d) for f, d in hits if len(d)]
             if hits:
                 rows = pd.concat([d for _, d in hits], ignore_index=True).drop_duplicates("run_key")
                 where = ", ".join(f"`{f.parent.relative_to(root)}`" for f, _ in hits)
         st, cells = _status(e, rows)
+        if st == "not run yet" and e.protocol is not None:
+            older = sorted({f.parent.relative_to(root).as_posix() for f in root.glob(f"{e.notebook}/*/results.csv")})
+            if older: st, where = "not run with the experiment layer yet (earlier renders, keyed before it, are there)", ", ".join(f"`{o}`" for o in older)
         lines.append(f"| {e.paper} | {e.item} | {st} | {where} | {cells} |")
     text = "\n".join(lines) + "\n"
     if path is not False: atomic_write_text(Path(path) if path else root / "SCORECARD.md", text)

@@ -15,17 +15,20 @@ from torch import Tensor
 from .data import LabeledData, to_device
 from .losses import _DISTS, _noise_like, dmi_loss
 from .models import LimitMnistCNN, get_model
-from .train import Method, TrainConfig, predict_logits, register_method
+from .train import Method, TrainConfig, method_spec, predict_logits, register_method
+from .experiment import Protocol, ScoreEntry, select_hparams
 import noisyrepro.baselines               # registers the baselines LIMIT_METHODS names (CE+GN, CE+LN, MAE, FW)
 
 # %% auto #0
-__all__ = ['LIMIT_GRIDS', 'LIMIT_METHODS', 'BETAS', 'SIGMAS_Q', 'PAPER_GRIDS', 'NEEDS_CE', 'FEWER_SEEDS', 'binary_entropy',
-           'noisy_label_entropy', 'fano_error_lower_bound', 'fano_lower_bound', 'label_configs', 'noisy_label_pmf',
-           'fano_world', 'memorize_k_joint', 'noisy_copy_joint', 'gaussian_mi_bound', 'gaussian_channel_mi',
-           'mc_channel_mi', 'mc_gaussian_input_mi', 'laplace_mi_bound', 'replace_grad', 'limit_mu', 'ce_grad',
-           'limit_grad_sample', 'limit_q_loss', 'grad_norm_penalty', 'q_network', 'LIMIT', 'soft_reg_penalties',
-           'SoftReg', 'dmi_limit_loss', 'DMILimit', 'limit_scores', 'roc_auc', 'rank_mislabeled', 'hparam_grid',
-           'split_lr', 'select_by_validation', 'bootstrap_std', 'bootstrap_test_std']
+__all__ = ['LIMIT_GRIDS', 'LIMIT_METHODS', 'BETAS', 'SIGMAS_Q', 'PAPER_GRIDS', 'CE_START', 'FEWER_SEEDS', 'QUICK_FIXED',
+           'MNIST_TRAIN', 'CIFAR_TRAIN', 'QUICK_METHODS', 'CIFAR_METHODS', 'SELECTION', 'LIMIT_TABLE4', 'LIMIT_TABLE5',
+           'LIMIT_TABLE6', 'LIMIT_TABLE7', 'LIMIT_TABLES', 'LIMIT_FIG_A0', 'LIMIT_FIG_A3', 'SCORECARD',
+           'binary_entropy', 'noisy_label_entropy', 'fano_error_lower_bound', 'fano_lower_bound', 'label_configs',
+           'noisy_label_pmf', 'fano_world', 'memorize_k_joint', 'noisy_copy_joint', 'gaussian_mi_bound',
+           'gaussian_channel_mi', 'mc_channel_mi', 'mc_gaussian_input_mi', 'laplace_mi_bound', 'replace_grad',
+           'limit_mu', 'ce_grad', 'limit_grad_sample', 'limit_q_loss', 'grad_norm_penalty', 'q_network', 'LIMIT',
+           'soft_reg_penalties', 'SoftReg', 'dmi_limit_loss', 'DMILimit', 'limit_scores', 'roc_auc', 'rank_mislabeled',
+           'method_fields', 'select_by_validation', 'bootstrap_std', 'bootstrap_test_std']
 
 # %% ../nbs/05_limit.ipynb #6cf38486
 def binary_entropy(p):
@@ -379,16 +382,26 @@ BETAS, SIGMAS_Q = LIMIT_GRIDS["LIMIT"]["beta"], LIMIT_GRIDS["LIMIT"]["sigma_q"]
 PAPER_GRIDS = {"CE+GN": {"sigma": SIGMAS_Q}, "CE+LN": {"sigma": SIGMAS_Q}, "DMI-LIMIT": LIMIT_GRIDS["DMI-LIMIT"], "SoftReg": LIMIT_GRIDS["SoftReg"],
                **{f"LIMIT_{d}-S{i}": {"beta": BETAS} for d in "GL" for i in ("", "+init")},
                **{f"LIMIT_{d}+S": {"beta": BETAS, "sigma_q": SIGMAS_Q} for d in "GL"}}
-NEEDS_CE = {"FW", "DMI-LIMIT", "LIMIT_G-S+init", "LIMIT_L-S+init"}   # start from (FW: estimate T with) the CE model of the same split
-FEWER_SEEDS = {"LIMIT_G+S", "LIMIT_L+S", "SoftReg"}   # run with 3 seeds in the paper
+CE_START = {"FW": ("ce_state", "CE"), "DMI-LIMIT": ("ce_state", "CE"),          # start from (FW: estimate T with) the CE model of the same split
+            "LIMIT_G-S+init": ("init_state", "CE"), "LIMIT_L-S+init": ("init_state", "CE")}   # "+init": q starts from it
+FEWER_SEEDS = {"LIMIT_G+S": 3, "LIMIT_L+S": 3, "SoftReg": 3}   # the paper runs them with 3 of its 5 seeds
+QUICK_FIXED = {"beta": 10.0, "sigma_q": 0.1}                    # quick scale: LIMIT's β and σ_q fixed (from the paper's grids), not tuned
 
-def hparam_grid(grid: dict[str, list]) -> list[dict]:
-    """Every combination of a {name: values} grid, as a list of dicts ([{}] for no hyper-parameters)."""
-    return [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())]
-
-def split_lr(hp: dict) -> tuple[dict, dict]:
-    """Separate a training setting (the learning rate) from the method's own hyper-parameters."""
-    return {k: v for k, v in hp.items() if k != "lr"}, ({"lr": hp["lr"]} if "lr" in hp else {})
+def method_fields(methods, scale: str = "quick", beta: float | None = None, sigma_q: float | None = None, cifar: bool = False) -> dict:
+    """The per-method `Protocol` fields of `methods` at `scale`: fixed hyper-parameters (quick: LIMIT's β and σ_q) or the App. B
+    grids (paper; `beta`/`sigma_q` replace their grid axes), starts from the CE model, fewer seeds (paper), CIFAR LIMIT patience."""
+    hparams, grids = {}, {}
+    for m in methods:
+        spec, g = method_spec(m), dict(PAPER_GRIDS.get(m, {}))
+        if scale == "quick":
+            fixed = {"beta": QUICK_FIXED["beta"] if beta is None else beta, "sigma_q": QUICK_FIXED["sigma_q"] if sigma_q is None else sigma_q}
+            if "limit" in spec.tags: hparams[m] = {k: v for k, v in fixed.items() if spec.takes(k)}
+            g = {k: v for k, v in g.items() if not spec.takes(k)}          # the method's own grid axes go; a learning-rate grid stays (DMI-LIMIT)
+        else: g |= {k: [v] for k, v in (("beta", beta), ("sigma_q", sigma_q)) if v is not None and k in g}
+        if g: grids[m] = g
+    return {"hparams": hparams, "grids": grids, "needs": {m: CE_START[m] for m in methods if m in CE_START},
+            "seeds_by_method": {m: FEWER_SEEDS[m] for m in methods if scale == "paper" and m in FEWER_SEEDS},
+            "train_by_method": {m: {"patience": 200} for m in methods if cifar and "limit" in method_spec(m).tags}}   # the code's CIFAR LIMIT runs ([DECIDE 1.4])
 
 # %% ../nbs/05_limit.ipynb #ed65b275
 def _limit_init(dist: str, init_state: dict | None = None, beta: float = 0.0) -> LIMIT:
@@ -400,11 +413,11 @@ for _d, _dist in (("G", "gaussian"), ("L", "laplace")): register_method(f"LIMIT_
 
 # %% ../nbs/05_limit.ipynb #c7d43378
 def select_by_validation(df: pd.DataFrame, setting=("dataset", "noise_type", "noise", "n_train"), metric: str = "val_acc") -> pd.DataFrame:
-    """Keep, per setting and method, the runs of the hyper-parameters with the best mean `metric` over seeds (the paper's selection)."""
-    keys, hp = list(setting) + ["method"], ["hparams"] + (["lr"] if "lr" in df.columns else [])   # the learning rate is a grid axis too
-    means = df.groupby(keys + hp, dropna=False)[metric].mean().reset_index()
-    best = means.loc[means.groupby(keys, dropna=False)[metric].idxmax(), keys + hp]
-    return df.merge(best, on=keys + hp)
+    """`experiment.select_hparams` (per setting and method, the hyper-parameters with the best mean `metric` over seeds: the paper's
+    selection) for any subset of its setting columns; `df`'s rows unchanged. Kept for the notebooks that call it by this name."""
+    pad = {c: 0 for c in ("dataset", "noise_type", "noise", "n_train") if c not in setting}   # columns outside `setting` do not split it
+    picked = select_hparams(df.assign(_row=range(len(df)), **pad), metric)
+    return df.iloc[sorted(picked._row)].reset_index(drop=True)
 
 # %% ../nbs/05_limit.ipynb #a3bbd733
 def bootstrap_std(correct: torch.Tensor, n: int = 1000, seed: int = 0) -> float:
@@ -419,3 +432,67 @@ def bootstrap_test_std(model: nn.Module, test: LabeledData, cfg: TrainConfig | N
     """The paper's CIFAR error bar: std of `model`'s accuracy on `test` over `n` bootstrap resamples of `test`."""
     correct = predict_logits(model, test, cfg).argmax(1).cpu() == test.y.cpu()
     return bootstrap_std(correct, n, seed)
+
+# %% ../nbs/05_limit.ipynb #fc98c2f2
+MNIST_TRAIN = {"batch_size": 256, "lr": 1e-3, "normalize": "limit_mnist"}                 # App. B: Adam 1e-3, batch 256, early stopping on noisy val
+CIFAR_TRAIN = {"batch_size": 256, "lr": 1e-3, "normalize": "imagenet", "augment": "crop_flip"}
+QUICK_METHODS = ["CE", "LIMIT_G-S", "LIMIT_L-S", "LIMIT_G+S", "LIMIT_L+S"]
+CIFAR_METHODS = ["CE", "MAE", "FW", "DMI-LIMIT", "LIMIT_G-S", "LIMIT_L-S", "LIMIT_G-S+init", "LIMIT_L-S+init"]
+SELECTION = "per setting and method, the hyper-parameters (and lr) with the best mean noisy-validation accuracy over seeds"
+_CIFAR_NAMES = {"LIMIT_G-S": "LIMIT_G", "LIMIT_L-S": "LIMIT_L", "LIMIT_G-S+init": "LIMIT_G+init", "LIMIT_L-S+init": "LIMIT_L+init"}  # the paper's CIFAR rows
+
+def _limit_table(table: int, experiment: str, noise_type: str, rates: tuple, quick_rate: float, title: str) -> Protocol:
+    "Table `table` of the supplement as a protocol: the paper's protocol as base values and `paper` preset, and the `quick` preset."
+    cifar = experiment == "cifar10"
+    train, methods = (CIFAR_TRAIN, CIFAR_METHODS) if cifar else (MNIST_TRAIN, LIMIT_METHODS)
+    paper = {"dataset": experiment, "methods": tuple(methods), "settings": tuple((noise_type, r) for r in rates),
+             "seeds": (42,) if cifar else (42, 43, 44, 45, 46), "n_train": (None,) if cifar else (1000, 10000, None),
+             "train": train | {"epochs": 400, "patience": 100}, **method_fields(methods, "paper", cifar=cifar)}
+    quick_methods = CIFAR_METHODS if cifar else QUICK_METHODS
+    quick = {"dataset": "cifar10" if cifar else "mnist5k", "methods": tuple(quick_methods), "settings": ((noise_type, quick_rate),),
+             "seeds": (42, 43), "n_train": (None,) if cifar else (1000,), "train": train | {"epochs": 40, "patience": 15},
+             **method_fields(quick_methods, "quick", cifar=cifar)}
+    return Protocol(name=f"limit_table{table}", paper="LIMIT", module="noisyrepro.limit", model="resnet34_cifar" if cifar else "limit_mnist_cnn",
+                    splits={"val": 0.2}, selection=SELECTION, experiment=experiment, paper_table=table,
+                    paper_names={"DMI-LIMIT": "DMI"} | (_CIFAR_NAMES if cifar else {}), baseline="CE", title=title,
+                    presets={"quick": quick, "paper": paper}, **paper)
+
+LIMIT_TABLE4 = _limit_table(4, "mnist", "symmetric", (0.0, 0.5), 0.5, "LIMIT Table 4: MNIST, uniform noise p = 0, 0.5")
+LIMIT_TABLE5 = _limit_table(5, "mnist", "symmetric", (0.8, 0.89), 0.8, "LIMIT Table 5: MNIST, uniform noise p = 0.8, 0.89")
+LIMIT_TABLE6 = _limit_table(6, "cifar10", "symmetric", (0.0, 0.2, 0.4, 0.6, 0.8), 0.4, "LIMIT Table 6: CIFAR-10, uniform noise")
+LIMIT_TABLE7 = _limit_table(7, "cifar10", "asymmetric", (0.0, 0.1, 0.2, 0.3, 0.4), 0.4, "LIMIT Table 7: CIFAR-10, pair noise")
+LIMIT_TABLES = {("mnist", "symmetric"): [LIMIT_TABLE4, LIMIT_TABLE5], ("cifar10", "symmetric"): [LIMIT_TABLE6], ("cifar10", "asymmetric"): [LIMIT_TABLE7]}
+
+def _limit_figure(name: str, methods: tuple, settings: tuple, grids: dict, hparams: dict, n_train: tuple, train: dict, quick: dict, title: str) -> Protocol:
+    "A figure's runs as a protocol (one seed, 42, as the authors' figures): the paper's values as base and `paper` preset, and `quick`."
+    paper = {"dataset": "mnist", "methods": methods, "settings": settings, "seeds": (42,), "n_train": n_train, "grids": grids, "hparams": hparams,
+             "train": MNIST_TRAIN | train}
+    quick = paper | {"dataset": "mnist5k"} | quick | {"train": MNIST_TRAIN | quick["train"]}
+    return Protocol(name=name, paper="LIMIT", module="noisyrepro.limit", model="limit_mnist_cnn", splits={"val": 0.2}, experiment=name.split("_", 1)[1],
+                    selection="every β is drawn; the best instance (noisy-val accuracy) gives Figs. A1-A2" if grids else "one setting",
+                    title=title, presets={"quick": quick, "paper": paper}, **paper)
+
+# Fig. A0: LIMIT -S at several β on MNIST with 80% noise (quick: LIMIT_L -S, β in {0, 10}, at the quick table's rate)
+LIMIT_FIG_A0 = _limit_figure("limit_fig_a0", ("LIMIT_G-S", "LIMIT_L-S"), (("symmetric", 0.8),), {m: {"beta": BETAS} for m in ("LIMIT_G-S", "LIMIT_L-S")}, {},
+                             (1000,), {"epochs": 400, "patience": 100},
+                             {"methods": ("LIMIT_L-S",), "settings": (("symmetric", 0.5),), "grids": {"LIMIT_L-S": {"beta": [0.0, 10.0]}},
+                              "train": {"epochs": 40, "patience": 15}}, "LIMIT Fig. A0: train/test accuracy per epoch for several β")
+# Fig. A3: LIMIT_L -S (β = 10) on the clean labels of all training images, to rank the most confusing ones
+LIMIT_FIG_A3 = _limit_figure("limit_fig_a3", ("LIMIT_L-S",), (("symmetric", 0.0),), {}, {"LIMIT_L-S": {"beta": 10.0}}, (None,),
+                             {"epochs": 100, "patience": 20}, {"train": {"epochs": 15, "patience": 5}}, "LIMIT Fig. A3: the most confusing MNIST labels")
+
+# %% ../nbs/05_limit.ipynb #4d986482
+_NO_CIFAR = "CIFAR-10 cannot be downloaded on this machine (offline; no CIFAR-10 files); the protocol is declared and runs where the data are"
+SCORECARD = [
+    ScoreEntry("LIMIT", "Table 3 (the MNIST classifier's architecture)", "05_limit", cannot="not an experiment: the architecture is `LimitMnistCNN` (checked in nbs/03_models.ipynb)"),
+    *[ScoreEntry("LIMIT", f"Table {t} (MNIST, uniform noise), {s} protocol", "05_limit", T.at(s)) for t, T in ((4, LIMIT_TABLE4), (5, LIMIT_TABLE5)) for s in ("quick", "paper")],
+    ScoreEntry("LIMIT", "Table 6 (CIFAR-10, uniform noise)", "05_limit", LIMIT_TABLE6.at("paper"), cannot=_NO_CIFAR),
+    ScoreEntry("LIMIT", "Table 7 (CIFAR-10, pair noise)", "05_limit", LIMIT_TABLE7.at("paper"), cannot=_NO_CIFAR),
+    *[ScoreEntry("LIMIT", f"Fig. A0 (β against overfitting, MNIST), {s} protocol", "05_limit", LIMIT_FIG_A0.at(s)) for s in ("quick", "paper")],
+    *[ScoreEntry("LIMIT", f"Figs. A1-A2, MNIST 80% panels (‖μ‖ and ‖μ − g‖ of Fig. A0's best instance), {s} protocol", "05_limit", LIMIT_FIG_A0.at(s))
+      for s in ("quick", "paper")],
+    ScoreEntry("LIMIT", "Figs. A1-A2, CIFAR-10 and CIFAR-100 panels", "05_limit", cannot="CIFAR-10/100 cannot be downloaded on this machine (offline)"),
+    *[ScoreEntry("LIMIT", f"Fig. A3, MNIST panel (most confusing labels), {s} protocol", "05_limit", LIMIT_FIG_A3.at(s)) for s in ("quick", "paper")],
+    ScoreEntry("LIMIT", "Fig. A3, CIFAR-10 panel", "05_limit", cannot=_NO_CIFAR),
+    ScoreEntry("LIMIT", "Fig. A4 (most confusing Clothing1M labels)", "05_limit", cannot="Clothing1M is available only from its authors on request; not on this machine"),
+]

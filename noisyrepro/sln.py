@@ -20,12 +20,15 @@ from .train import Method, TrainConfig, fit, method_spec, predict_logits, regist
 import noisyrepro.baselines               # registers the Table 1-2 baselines TABLE_METHODS names (GCE, Co-teaching, PHuber-CE, LS)
 
 # %% auto #0
-__all__ = ['LC_SCHEMES', 'SLN_NOISE_TYPES', 'TABLE_METHODS', 'PAPER_GRIDS', 'OPEN_SET_SOURCE', 'soft_ce', 'sln_targets',
-           'output_noise_loss', 'softmax_jacobian', 'prop2_matrix', 'prop2_diag', 'bonferroni_k', 'cov_zscores',
-           'check_covariance', 'output_jacobians', 'per_draw_grads', 'prop1_matrix', 'prop3_matrix',
-           'batch_param_noise', 'sln_noise_parts', 'sln_param_std', 'lc_weights', 'corrected_targets', 'SLN',
-           'ParamNoise', 'OutputNoise', 'paper_sigma', 'paper_hparams', 'paper_config', 'open_set_splits',
-           'idn_softmax', 'sln_splits']
+__all__ = ['LC_SCHEMES', 'SLN_NOISE_TYPES', 'TABLE_METHODS', 'PAPER_GRIDS', 'OPEN_SET_SOURCE', 'QUICK_SIGMA', 'QUICK_EMA',
+           'PAPER_EMA', 'RECORD_METHODS', 'QUICK_TRAIN', 'QUICK_IDN', 'SLN_TABLE1', 'SLN_TABLE2', 'SLN_FIG5',
+           'SLN_FIG6', 'SLN_FIG10', 'SCORECARD', 'soft_ce', 'sln_targets', 'output_noise_loss', 'softmax_jacobian',
+           'prop2_matrix', 'prop2_diag', 'bonferroni_k', 'cov_zscores', 'check_covariance', 'output_jacobians',
+           'per_draw_grads', 'prop1_matrix', 'prop3_matrix', 'batch_param_noise', 'sln_noise_parts', 'sln_param_std',
+           'lc_weights', 'corrected_targets', 'SLN', 'ParamNoise', 'OutputNoise', 'paper_sigma', 'paper_hparams',
+           'paper_config', 'open_set_splits', 'idn_softmax', 'sln_splits', 'idn_softmax_cached', 'sln_protocol_splits',
+           'sln_model', 'keep_last_states', 'last_state', 'last_epoch_records', 'paper_train', 'paper_idn_train',
+           'table_hparams', 'method_train', 'only']
 
 # %% ../nbs/06_sln.ipynb #a3c98ec4
 def soft_ce(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
@@ -301,3 +304,181 @@ def sln_splits(dataset: str, noise_type: str, noise: float = 0.4, n_train: int |
     if noise_type not in ("symmetric", "asymmetric", "idn"):
         raise ValueError(f"unknown noise_type {noise_type!r}; valid: symmetric, asymmetric, idn, open_set")
     return noisy_splits(dataset, noise_type, noise, n_train=n_train, val=val, seed=seed, test=test, root=root, **kw)
+
+# %% ../nbs/06_sln.ipynb #80cffca0
+import contextlib, importlib, io, warnings
+from pathlib import Path
+from .core import atomic_write_bytes, config_key, get_device
+from .data import data_root
+from .models import get_model
+from .results import done_keys
+from .experiment import NOISE, Protocol, Run, ScoreEntry, expand
+
+def idn_softmax_cached(dataset: str, n_train: int | None, val: float | int, seed: int, model: str, train: dict, root=None) -> Tensor:
+    "`idn_softmax` of a `model` network trained with `train` (TrainConfig fields), cached in `<data folder>/derived/sln_idn/` keyed by these inputs."
+    key = config_key({"dataset": dataset, "n_train": n_train, "val": val, "seed": seed, "model": model, "train": train})
+    path = data_root(root) / "derived" / "sln_idn" / f"{dataset}_{key}.pt"
+    if path.exists(): return torch.load(path, weights_only=True)
+    C = load_dataset(dataset, "train", root).num_classes
+    soft = idn_softmax(dataset, lambda: get_model(model, C, seed=seed), TrainConfig(**(train | {"seed": seed})), n_train, val, seed, root)
+    buf = io.BytesIO(); torch.save(soft, buf); atomic_write_bytes(path, buf.getvalue())
+    return soft
+
+def sln_protocol_splits(dataset: str, noise_type: str, noise: float, n_train: int | None = None, seed: int = 0, val: float | int = 5000,
+                        n_test: int | None = None, idn_model: str | None = None, idn_train: dict | None = None, root=None) -> NoisySplits:
+    "The SLN protocols' `splits_fn`: `sln_splits`, IDN's softmax computed (and cached) from the split options, the test set cut to a fixed `n_test` images."
+    soft = None
+    if noise_type == "idn":
+        if idn_model is None or idn_train is None:
+            raise ValueError("noise_type 'idn' needs the split options idn_model and idn_train (the network and TrainConfig fields of IDN's softmax)")
+        soft = idn_softmax_cached(dataset, n_train, val, seed, idn_model, idn_train, root)
+    sp = sln_splits(dataset, noise_type, noise, n_train=n_train, val=val, seed=seed, root=root, softmax=soft)
+    return dataclasses.replace(sp, test=subsample(sp.test, n_test, 0)) if n_test else sp
+
+# %% ../nbs/06_sln.ipynb #843d49f6
+def sln_model(model: str, num_classes: int, seed: int, splits: NoisySplits, **model_kw) -> nn.Module:
+    "The SLN protocols' `model_fn`: `get_model`; inside `keep_last_states` the network is also kept (`sln_model.built`), to save its last-epoch weights."
+    net = get_model(model, num_classes, seed=seed, **model_kw)
+    if sln_model.built is not None: sln_model.built.append(net)
+    return net
+sln_model.built = None              # the networks built inside `keep_last_states`, in build order
+
+@contextlib.contextmanager
+def keep_last_states(protocol: Protocol, out_dir: str | Path):
+    """Save `runs/<key>/last.pt`, the last-epoch weights, of the runs of `protocol` that an in-process `sweep` (workers=1) inside
+    this block trains. The experiment layer keeps a run's best-validation state; Figs. 3–4 need the converged model."""
+    fresh = [r.key for r in expand(protocol) if r.key not in done_keys(out_dir)]
+    mod, _, name = (protocol.model_fn or "").partition(":")
+    builder = getattr(importlib.import_module(mod), name) if name else None          # the function the sweep calls
+    built = []
+    if builder is not None: builder.built = built
+    try: yield
+    finally:
+        if builder is not None: builder.built = None
+    if len(built) == len(fresh):                         # an in-process sweep trains the new runs in plan order, one network each
+        for key, net in zip(fresh, built):
+            buf = io.BytesIO(); torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, buf)
+            atomic_write_bytes(Path(out_dir) / "runs" / key / "last.pt", buf.getvalue())
+    elif built: warnings.warn(f"{len(built)} networks built for {len(fresh)} new runs: the last-epoch weights are not saved (Figs. 3–4 will skip)")
+
+def last_state(out_dir: str | Path, key: str) -> dict:
+    "The last-epoch weights of run `key` that `keep_last_states` saved."
+    p = Path(out_dir) / "runs" / key / "last.pt"
+    if not p.exists(): raise FileNotFoundError(f"no last-epoch weights of run {key} in {p.parent}: they are saved when an in-process sweep (workers=1) "
+                                               "trains the run inside keep_last_states")
+    return torch.load(p, weights_only=True)
+
+@torch.no_grad()
+def last_epoch_records(run: Run, out_dir: str | Path, device: str = "auto") -> dict:
+    "The converged model of `run` on its training set (eval mode, as `cfg.record`): per-example 'loss', 'p_label', 'pred', with 'is_noisy' and 'clean'."
+    sp = sln_protocol_splits(run.dataset, run.noise_type, run.noise, n_train=run.n_train, seed=run.seed, **run.splits)
+    dev = get_device(device)
+    net = get_model(run.model, run.num_classes, seed=run.seed, **run.model_kw); net.load_state_dict(last_state(out_dir, run.key))
+    cfg = TrainConfig(**(run.train | {"seed": run.seed, "device": str(dev)}))
+    logits = predict_logits(net.to(dev), to_device(sp.train, dev), cfg).float().cpu()
+    y = sp.train.y.cpu()
+    return {"loss": F.cross_entropy(logits, y, reduction="none"), "p_label": logits.softmax(1).gather(1, y[:, None]).squeeze(1),
+            "pred": logits.argmax(1), "is_noisy": sp.train_noise.is_noisy.cpu(), "clean": sp.train_noise.clean.cpu()}
+
+# %% ../nbs/06_sln.ipynb #66e039a1
+QUICK_SIGMA, QUICK_EMA, PAPER_EMA = 0.5, 0.95, 0.999
+RECORD_METHODS = ("CE", "SLN")           # per-example records every epoch: Fig. 1's loss on clean and mislabeled examples
+QUICK_TRAIN = dict(epochs=40, batch_size=128, lr=0.02, optimizer="sgd", momentum=0.9, weight_decay=5e-4, normalize="mnist", progress=False)
+QUICK_IDN = dict(epochs=20, batch_size=64, lr=0.01, optimizer="sgd", momentum=0.5, normalize="mnist", progress=False)   # Chen et al.'s MNIST recipe
+_APP_B = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "normalize", "augment", "pad")
+
+def paper_train(dataset: str, **kw) -> dict:
+    "App. B.1's training settings as TrainConfig fields (the run adds seed and device); `kw` overrides fields."
+    return {k: v for k, v in dataclasses.asdict(paper_config(dataset, "CE")).items() if k in _APP_B} | {"progress": False} | kw
+
+def paper_idn_train(dataset: str) -> dict:
+    "Chen et al.'s CIFAR recipe for IDN's softmax network: 150 epochs, lr 0.1 × 0.2 at epochs 60 and 120."
+    return paper_train(dataset, epochs=150, lr=0.1, schedule="multistep", milestones=[60, 120], gamma=0.2)
+
+def table_hparams(dataset: str, noise_type: str, epochs: int = 300, sigma: float | None = None, tune: bool = False) -> tuple[dict, dict]:
+    """(hparams, grids) of Tables 1–2's methods for a run of `epochs`: App. B's choices (epoch counts scaled by epochs/300,
+    Co-teaching's forget rate = the noise rate), SLN's σ = `sigma` if given; `tune`: the baselines over App. B's tuning grids
+    instead (GCE's with one more point, no truncation: warmup None), picked on noisy validation (the quick scale)."""
+    hp = paper_hparams(dataset if dataset in SLN_NOISE_TYPES else "cifar10", noise_type, NOISE, epochs)
+    if sigma is not None: hp = {m: h | {"sigma": sigma} if "sigma" in h else h for m, h in hp.items()}
+    if not tune: return hp, {}
+    r = lambda e: max(0, round(e * epochs / 300))
+    grids = {"GCE": {"warmup": list(dict.fromkeys(r(w) for w in PAPER_GRIDS["GCE"]["warmup"])) + [None]}, "PHuber-CE": dict(PAPER_GRIDS["PHuber-CE"]), "LS": dict(PAPER_GRIDS["LS"])}
+    return {m: {k: v for k, v in h.items() if k not in grids.get(m, {})} for m, h in hp.items()}, grids
+
+def method_train(methods, ema: float, record=RECORD_METHODS) -> dict:
+    "Per-method TrainConfig overrides: the EMA decay `ema` for methods registered with the 'ema' tag (the -MO ones), per-example records for `record`."
+    out = {m: ({"ema": ema} if "ema" in method_spec(m).tags else {}) | ({"record": True} if m in record else {}) for m in methods}
+    return {m: d for m, d in out.items() if d}
+
+def only(p: Protocol, methods) -> Protocol:
+    "Protocol `p` with just `methods` (in its order): the other methods' hyper-parameters, grids and training overrides (and a baseline not kept) dropped; checked."
+    keep = lambda d: {m: v for m, v in d.items() if m in methods}
+    return p.at(None, methods=tuple(m for m in p.methods if m in methods), hparams=keep(p.hparams), grids=keep(p.grids),
+                train_by_method=keep(p.train_by_method), seeds_by_method=keep(p.seeds_by_method), needs=keep(p.needs),
+                baseline=p.baseline if p.baseline in methods else None)
+
+def _protocol(name: str, dataset: str, kind: str, methods: tuple, quick: dict, paper: dict, **fields) -> Protocol:
+    "A protocol of the paper on `dataset` with noise `kind` (40%): App. B's settings (paper) or their MNIST miniature (quick), `quick`/`paper` on top."
+    C = 100 if dataset == "cifar100" else 10
+    q = dict(dataset="mnist", model="lenet", num_classes=10, n_train=(1000,), seeds=(0,), settings=((kind, 0.4),), train=QUICK_TRAIN,
+             train_by_method=method_train(methods, QUICK_EMA), splits={"val": 250, "n_test": 1000},
+             splits_by_noise={"idn": {"idn_model": "lenet", "idn_train": QUICK_IDN}}) | quick
+    p = dict(dataset=dataset, model="wrn28_2", num_classes=C, n_train=(None,), seeds=(0, 1, 2, 3, 4), settings=((kind, 0.4),), train=paper_train(dataset),
+             train_by_method=method_train(methods, PAPER_EMA), splits={"val": 5000},
+             splits_by_noise={"idn": {"idn_model": "wrn28_2", "idn_train": paper_idn_train(dataset)}}) | paper
+    return Protocol(name, paper="SLN", module="noisyrepro.sln", methods=methods, splits_fn="noisyrepro.sln:sln_protocol_splits",
+                    model_fn="noisyrepro.sln:sln_model", experiment=dataset, headline="last_test_acc", **(p | fields), presets={"quick": q, "paper": p})
+
+def _table(table: int, dataset: str, kind: str) -> Protocol:
+    "One column of Table 1 (CIFAR-10) or 2 (CIFAR-100): CE, the baselines and the SLN family under 40% `kind` noise."
+    hq, gq = table_hparams(dataset, kind, QUICK_TRAIN["epochs"], QUICK_SIGMA, tune=True)
+    hp, _ = table_hparams(dataset, kind)
+    what = f"SLN Table {table} ({'CIFAR-10' if table == 1 else 'CIFAR-100'}), {kind} 40%"
+    return _protocol(f"sln_table{table}_{kind}", dataset, kind, TABLE_METHODS,
+                     quick=dict(hparams=hq, grids=gq, title=f"{what}, in miniature (MNIST, LeNet; only the order of the methods compares with the paper)",
+                                selection="App. B's choices for CE and the SLN family (σ = 0.5); the baselines over App. B's tuning grids, best mean noisy-val acc"),
+                     paper=dict(hparams=hp, grids={}, title=what, selection="App. B's choices (tuned by the authors on 5k noisy validation images)"),
+                     paper_table=table, paper_names={"Co-teaching": "Co-Teaching"}, baseline="CE")
+
+SLN_TABLE1 = {k: _table(1, "cifar10", k) for k in SLN_NOISE_TYPES["cifar10"]}
+SLN_TABLE2 = {k: _table(2, "cifar100", k) for k in SLN_NOISE_TYPES["cifar100"]}
+
+# %% ../nbs/06_sln.ipynb #b9926bb0
+def _figure(name: str, methods: tuple, title: str, quick: dict, paper: dict) -> Protocol:
+    "The runs of a figure beyond Table 1's (CIFAR-10, 40% symmetric noise, seed 0); the CE and SLN runs it shares with the table are the same runs."
+    return _protocol(name, "cifar10", "symmetric", methods, quick=dict(title=f"{title}, in miniature (MNIST, LeNet)") | quick,
+                     paper=dict(seeds=(0,), title=title) | paper, selection="every grid point is shown")
+
+SLN_FIG5 = _figure("sln_fig5", ("CE", "Eq1-noise", "Eq2-noise"), "SLN Fig. 5: the SGD-noise variants of Eqs. (1) and (2)",   # our grids: "no effect" to "cannot fit"
+                   quick=dict(grids={"Eq1-noise": {"sigma": [0.1, 0.3, 1.0]}, "Eq2-noise": {"sigma": [0.25, 0.5, 1.0]}}),
+                   paper=dict(grids={"Eq1-noise": {"sigma": [0.01, 0.1, 1.0]}, "Eq2-noise": {"sigma": [0.5, 1.0, 2.0]}}))
+SLN_FIG6 = _figure("sln_fig6", ("CE", "SLN"), "SLN Fig. 6: SLN over σ", quick=dict(grids={"SLN": {"sigma": PAPER_GRIDS["SLN"]["sigma"]}}),
+                   paper=dict(grids={"SLN": {"sigma": PAPER_GRIDS["SLN"]["sigma"]}}))
+SLN_FIG10 = _figure("sln_fig10", ("SLN-MO-LC",), "SLN Fig. 10: label correction with the reversed weighting (1−ω)·label + ω·pred",
+                    quick=dict(hparams={"SLN-MO-LC": SLN_TABLE1["symmetric"].presets["quick"]["hparams"]["SLN-MO-LC"] | {"scheme": "reversed"}}),
+                    paper=dict(hparams={"SLN-MO-LC": SLN_TABLE1["symmetric"].hparams["SLN-MO-LC"] | {"scheme": "reversed"}}))
+
+# %% ../nbs/06_sln.ipynb #d4a55cfd
+_NO_CIFAR = "CIFAR-10 cannot be downloaded on this machine (no network); -p scale paper runs it where the data are"
+_NO_CIFAR100 = "CIFAR-100 cannot be downloaded on this machine (no network); -p scale paper -p dataset cifar100 runs it where the data are"
+_MINI = lambda p, methods=None: only(p.at("quick"), methods) if methods else p.at("quick")    # the quick scale's MNIST miniature
+
+SCORECARD = (
+    [ScoreEntry("SLN", f"Table 1, CIFAR-10, {k} 40%", "06_sln", p, cannot=_NO_CIFAR) for k, p in SLN_TABLE1.items()]
+    + [ScoreEntry("SLN", "Table 1 in miniature: MNIST, LeNet, symmetric 40% (quick)", "06_sln", _MINI(SLN_TABLE1["symmetric"]))]
+    + [ScoreEntry("SLN", f"Table 2, CIFAR-100, {k} 40%", "06_sln", p, cannot=_NO_CIFAR100) for k, p in SLN_TABLE2.items()]
+    + [ScoreEntry("SLN", "Table 3, Clothing1M", "06_sln", cannot="Clothing1M (1M web images) cannot be obtained here; no protocol"),
+       ScoreEntry("SLN", "Table 4 (App. C.1), SLN as initialiser of Co-Teaching, SIGUA, DivideMix on CIFAR-10", "06_sln",
+                  cannot=_NO_CIFAR + "; SIGUA, DivideMix and the SLN-initialised variants are not implemented"),
+       ScoreEntry("SLN", "Fig. 1, test accuracy and training loss, CE vs the SLN family (MNIST miniature, quick)", "06_sln",
+                  _MINI(SLN_TABLE1["symmetric"], ("CE", "SLN", "SLN-MO", "SLN-MO-LC"))),
+       ScoreEntry("SLN", "Fig. 2, loss landscapes of CE, Eq. (1), Eq. (2), SLN", "06_sln", cannot=_NO_CIFAR + "; the loss-landscape plots are not implemented"),
+       ScoreEntry("SLN", "Fig. 3, confidence on the labelled class, CE vs SLN (MNIST miniature, quick)", "06_sln", _MINI(SLN_TABLE1["symmetric"], RECORD_METHODS)),
+       ScoreEntry("SLN", "Figs. 4 and 9, training examples sorted by loss, CE vs SLN (MNIST miniature, quick)", "06_sln", _MINI(SLN_TABLE1["symmetric"], RECORD_METHODS)),
+       ScoreEntry("SLN", "Fig. 5, SGD-noise variants (MNIST miniature, quick)", "06_sln", _MINI(SLN_FIG5)),
+       ScoreEntry("SLN", "Fig. 6, SLN over σ (MNIST miniature, quick)", "06_sln", _MINI(SLN_FIG6)),
+       ScoreEntry("SLN", "Fig. 7 (App. C.2), t-SNE of the penultimate features", "06_sln", cannot=_NO_CIFAR + "; the t-SNE plots are not implemented"),
+       ScoreEntry("SLN", "Fig. 8 (App. C.3), test accuracy against training efficiency", "06_sln", cannot=_NO_CIFAR + " (the paper's V100 timings)"),
+       ScoreEntry("SLN", "Fig. 10 (App. D), label correction: the paper's weighting and the reversed one (MNIST miniature, quick)", "06_sln",
+                  _MINI(SLN_FIG10))])

@@ -6,9 +6,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from noisyrepro.data import LabeledData
 from noisyrepro.train import Trainer, TrainConfig, fit, get_method
-from noisyrepro.cdr_aux import (AUX, CDR, CDRAUX, CDRRDI, RDI, SGD, aux_min_norm, cdr_mask_gradients, cdr_parameters, criticality,
-                                critical_masks, drop_momentum, kernel_ridge_predict, kernel_ridge_weights, matched_rdi_lamb,
-                                method_hparams, noise_options, num_critical, paired_gap, per_example_loss, rdi_penalty, report_config)
+from noisyrepro.cdr_aux import (AUX, CDR, CDRAUX, CDRRDI, FIG1, FIG2, RDI, RULES, SCORECARD, SGD, TABLE1, aux_min_norm, cdr_mask_gradients,
+                                cdr_parameters, criticality, critical_masks, drop_momentum, kernel_ridge_predict, kernel_ridge_weights,
+                                matched_rdi_lamb, noise_options, num_critical, per_example_loss, rdi_penalty, report_config, report_train,
+                                table1_hparams)
+from noisyrepro.experiment import NOISE, expand, paired_gap
 from noisyrepro.data import normalize, subsample
 from noisyrepro.models import get_model
 from noisyrepro.splits import noisy_splits
@@ -171,11 +173,53 @@ def test_registry_and_composition():
 def test_protocol_helpers():
     cfg = report_config(epochs=5, seed=3)
     assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.milestones, cfg.optimizer) == (32, 0.01, 0.9, 1e-3, (9, 19), "sgd")
+    assert TrainConfig(**report_train(5)).batch_size == 32 and report_train(7)["epochs"] == 7 and report_train(5)["progress"] is False
     assert matched_rdi_lamb(1.0, cfg) == pytest.approx(math.sqrt(3.2))
     assert noise_options("asymmetric") == {"seven_to_one": False} and noise_options("instance") == {}
-    assert method_hparams("CDR", 0.4, 10.0, 18.0, tau=0.3, rule="paper") == {"tau": 0.3, "rule": "paper"}
-    assert method_hparams("AUX", 0.4, 10.0, 18.0, aux_lr=0.1) == {"lamb": 10.0, "aux_lr": 0.1}
-    with pytest.raises(ValueError, match="valid methods: SGD, CDR, AUX, CDR\\+AUX, RDI, CDR\\+RDI"): method_hparams("CE", 0.4, 1.0, 1.0)
+    assert table1_hparams(["CDR"], tau=0.3, rule="paper") == {"CDR": {"tau": 0.3, "rule": "paper"}}
+    assert table1_hparams(["AUX"], aux_lr=0.1) == {"AUX": {"lamb": 10.0, "aux_lr": 0.1}}
+    assert table1_hparams()["CDR+AUX"] == {"tau": NOISE, "rule": "code", "lamb": 10.0, "aux_lr": None}
+    assert table1_hparams(["SGD", "RDI"], lamb=1.0)["RDI"] == {"lamb": round(math.sqrt(3.2), 4)}
+
+
+def test_protocols_quick_preset_is_the_quick_configuration():
+    t = TABLE1.at("quick")
+    assert t.dataset == "mnist" and t.settings == (("pairflip", 0.4), ("pairflip", 0.7)) and t.seeds == (1, 2, 3)
+    assert t.methods == ("SGD", "CDR", "AUX", "CDR+AUX") and t.train == report_train(5) and t.baseline == "SGD"
+    runs = {p.name: expand(p.at("quick")) for p in (TABLE1, FIG1, FIG2, RULES)}
+    assert {k: len(v) for k, v in runs.items()} == {"cdr_table1": 24, "cdr_fig1": 1, "cdr_fig2": 9, "cdr_rules": 6}
+    table = {r.key: r for r in runs["cdr_table1"]}
+    shared = [r for r in runs["cdr_fig2"] + runs["cdr_rules"] if r.key in table]          # the table's CDR+AUX (λ = 10) and CDR (code rule) runs
+    assert sorted((r.method, r.seed) for r in shared) == sorted([("CDR+AUX", s) for s in (1, 2, 3)] + [("CDR", s) for s in (1, 2, 3)])
+    cdr = next(r for r in runs["cdr_table1"] if r.method == "CDR" and r.noise == 0.7)
+    assert cdr.hparams == {"tau": 0.7, "rule": "code"} and cdr.splits == {"val": 0.1, "noise_first": True}
+    assert sorted({r.hparams["lamb"] for r in runs["cdr_fig2"]}) == [3.0, 10.0, 30.0]
+    assert runs["cdr_fig1"][0].noise_type == "symmetric" and runs["cdr_fig1"][0].seed == 1
+
+
+def test_protocols_paper_preset_and_checks():
+    p = TABLE1.at("paper")
+    assert len(p.settings) == 12 and p.train["epochs"] == 100 and len(expand(p)) == 12 * 3 * 4
+    asym = expand(TABLE1.at("paper", settings=[("asymmetric", 0.4)], seeds=1))
+    assert all(r.splits["seven_to_one"] is False for r in asym)
+    assert expand(FIG2.at("paper"))[0].noise_type == "instance" and len(expand(FIG2.at("paper"))) == 3 * 3 * 5
+    with pytest.raises(ValueError, match="settings given for method 'CDR'"): TABLE1.at("quick", methods=("SGD", "RDI"))
+    with pytest.raises(ValueError, match="has no keyword 'lamb'"): TABLE1.at("quick", hparams={"CDR": {"tau": 0.2, "lamb": 1.0}})
+
+
+def test_scorecard_covers_the_report():
+    items = " | ".join(e.item for e in SCORECARD)
+    for what in ("Table 1", "Fig. 1", "Fig. 2", "RDI"): assert what in items
+    assert all(e.paper == "CDR+AUX" and e.notebook == "08_cdr_aux" and e.protocol is not None and e.cannot is None for e in SCORECARD)
+    assert {e.protocol.scale for e in SCORECARD} == {"quick", "paper"}
+
+
+def test_aux_history_records_the_training_accuracy_of_f_plus_b():
+    d = _data(12)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.1, optimizer="sgd", normalize=None, device="cpu", progress=False)
+    res = fit(_mlp(), d, d, None, AUX(lamb=2.0), cfg)
+    assert [("train_acc_aux" in h) for h in res.history] == [True] * 3
+    assert all(0 <= h["train_acc_aux"] <= 1 for h in res.history)
 
 
 # --- CDR and AUX on one real MNIST batch: LeNet, the report's training configuration (fp32 SGD, lr 0.01, momentum 0.9, wd 1e-3)

@@ -14,12 +14,13 @@ import torchvision
 from noisyrepro.data import LabeledData
 from noisyrepro.models import get_model
 from noisyrepro.results import load_results
-from noisyrepro.experiment import best_state, run_experiment
+from noisyrepro.experiment import expand, sweep, write_scorecard
 from noisyrepro.train import Trainer, TrainConfig, fit, get_method, predict_logits
 from noisyrepro.losses import dmi_loss
-from noisyrepro.dmi import (DMI, DMI_METHODS, DMI_PROTOCOL, CEDMI, LCCN, channel_joint, classifier_joint, dmi, dmi_grad_U,
-                            dmi_lr_grid, dmi_matrix, dmi_method_hparams, dmi_model, dmi_search_pick, dmi_splits, dmi_train_config,
-                            hadamard_bound, l_dmi, lccn_transition, load_ce_state, random_joint, random_transition, shannon_mi)
+from noisyrepro.dmi import (DMI, DMI_METHODS, DMI_PROTOCOLS, SCORECARD, CEDMI, LCCN, channel_joint, classifier_joint, dmi, dmi_grad_U,
+                            dmi_lr_grid, dmi_matrix, dmi_model, dmi_overrides, dmi_search_candidates, dmi_search_pick, dmi_search_protocols,
+                            dmi_splits, dmi_train_config, h0_accuracy, hadamard_bound, l_dmi, lccn_transition, load_ce_state, random_joint,
+                            random_transition, shannon_mi)
 from test_data import make_synthetic_cifar, _write_jpg
 
 G = lambda s=0: torch.Generator().manual_seed(s)
@@ -290,17 +291,19 @@ def test_cifar10_protocol_end_to_end_on_synthetic_files(tmp_path, monkeypatch):
     sp = dmi_splits("cifar10", 0.8, seed=0, root=tmp_path)
     assert (len(sp.train), len(sp.val), len(sp.test)) == (40, 10, 10)                  # data_batch_5 is the validation set
     assert set(sp.train_noise.clean[sp.train_noise.is_noisy].tolist()) <= {9, 2, 4, 3}   # one-way flips only
-    out = tmp_path / "out"; meta_row = {"paper": "DMI", "experiment": "cifar10", "dataset": "cifar10", "noise_type": "asymmetric", "noise": 0.8, "scale": "synthetic"}
-    cfg = lambda m: dmi_train_config("cifar10", m, 0, "cpu", epochs=1, batch_size=10, milestones=())
     assert type(dmi_model("cifar10", sp)).__name__ == "CifarResNet"
-    small = lambda: dmi_model("cifar10", sp, num_blocks=(1, 1, 1, 1))              # a ResNet-10 keeps the test fast
-    ce_row, _ = run_experiment(out, meta_row, small, sp, "CE-DMI", {}, cfg("CE-DMI"), keep_state=True)
-    st = best_state(out, ce_row["run_key"])
-    for m in DMI_PROTOCOL["cifar10"]["methods"][1:]:
-        run_experiment(out, meta_row | {"init_run": ce_row["run_key"]}, small, sp, m, dmi_method_hparams("cifar10", m, st), cfg(m))
-    df = load_results(out)
-    assert list(df.method) == ["CE-DMI", "FW-DMI", "GCE-DMI", "LCCN-DMI", "DMI"] and (df.init_run.iloc[1:] == ce_row["run_key"]).all()
+    monkeypatch.setenv("NOISYREPRO_DATA", str(tmp_path))                             # the protocol's split function reads the root here
+    base = DMI_PROTOCOLS["cifar10"]
+    P = base.at("paper", seeds=(0,), settings=(("asymmetric", 0.8),), model_kw={"num_blocks": (1, 1, 1, 1)},   # a ResNet-10 keeps the test fast
+                train_by_method={m: c | {"epochs": 1, "batch_size": 10, "milestones": ()} for m, c in base.train_by_method.items()})
+    out = tmp_path / "out"
+    res = sweep(P, out, device="cpu", progress=False)
+    df = res.rows
+    assert list(df.method) == ["CE-DMI", "FW-DMI", "GCE-DMI", "LCCN-DMI", "DMI"] and res.trained == 5
+    ce_key = expand(P)[0].key
+    assert all(r.needs == ("ce_state", ce_key) for r in expand(P)[1:])                  # every method starts from the CE model
     assert "starting weights (epoch 0) a candidate" in df.set_index("method").loc["DMI", "selection"]     # CIFAR-10/DMI.py scores the CE model
+    assert sweep(P, out, device="cpu", progress=False).trained == 0                     # recorded: nothing trains again
 
 
 def test_dogs_vs_cats_and_clothing1m_paths_on_synthetic_images(tmp_path):
@@ -320,13 +323,19 @@ def test_dogs_vs_cats_and_clothing1m_paths_on_synthetic_images(tmp_path):
     cl = dmi_splits("clothing1m", None, seed=0, n_train=4, root=tmp_path, workers=0)
     assert cl.train.x.shape == (4, 3, 224, 224) and cl.val.y.tolist() == [9, 10] and math.isnan(cl.train_noise.rate)
     assert cl.train_noise.kind == "real" and cl.train_noise.labels is cl.train.y or torch.equal(cl.train_noise.labels, cl.train.y)
-    assert dmi_method_hparams("clothing1m", "DMI", {})["select"] == "acc" and dmi_train_config("clothing1m", "DMI").milestones == (5,)
+    assert DMI_PROTOCOLS["clothing1m"].hparams["DMI"]["select"] == "acc" and dmi_train_config("clothing1m", "DMI").milestones == (5,)
 
 
 def test_protocol_lccn_and_frozen_fmnist():
-    assert DMI_METHODS == ["CE-DMI", "FW-DMI", "GCE-DMI", "LCCN-DMI", "DMI"] and DMI_PROTOCOL["fmnist"]["methods"] == ["CE-DMI", "DMI"]
-    assert "LCCN-DMI" not in DMI_PROTOCOL["dogs_vs_cats"]["methods"] + DMI_PROTOCOL["clothing1m"]["methods"]
-    assert dmi_method_hparams("fmnist", "DMI", {}) == {"ce_state": {}, "normalize": True} and dmi_method_hparams("fmnist", "CE-DMI", {}) == {}
+    assert DMI_METHODS == ["CE-DMI", "FW-DMI", "GCE-DMI", "LCCN-DMI", "DMI"] and DMI_PROTOCOLS["fmnist_case2"].methods == ("CE-DMI", "DMI")
+    assert "LCCN-DMI" not in DMI_PROTOCOLS["dogs_vs_cats"].methods + DMI_PROTOCOLS["clothing1m"].methods
+    for P in DMI_PROTOCOLS.values():
+        for s in P.presets: P.at(s)                                                    # every preset passes the layer's checks
+        assert P.methods[0] == "CE-DMI" and P.needs == {m: ("ce_state", "CE-DMI") for m in P.methods[1:]}
+        assert P.train["amp"] is False                                                 # fp32, as the authors ran
+    assert {k: P.hparams.get("DMI") for k, P in DMI_PROTOCOLS.items()} == {
+        **{f"fmnist_case{c}": {"normalize": True} for c in (1, 2, 3)}, "mr": {"normalize": False}, "cifar10": {"normalize": False, "select": "acc"},
+        "dogs_vs_cats": {"normalize": False}, "clothing1m": {"normalize": False, "select": "acc", "include_start": False}}
     assert dmi_train_config("fmnist", "DMI", 2, "cuda") == TrainConfig(epochs=20, batch_size=128, lr=1e-4, normalize="mnist", seed=2, device="cuda", amp=False)
     assert dmi_train_config("fmnist", "CE-DMI") == TrainConfig(epochs=20, batch_size=128, lr=1e-4, normalize="mnist", seed=0, device="auto", amp=False)
     lc = dmi_train_config("cifar10", "LCCN-DMI")
@@ -334,11 +343,64 @@ def test_protocol_lccn_and_frozen_fmnist():
     lrs = []
     for _ in range(lc.epochs): lrs.append(opt.param_groups[0]["lr"]); opt.step(); sch.step()
     np.testing.assert_allclose([lrs[0], lrs[39], lrs[40], lrs[80], lrs[119]], [0.5, 0.5, 0.1, 0.1, 0.1])   # 0.01 at 80 is unreachable in LCCN.py
-    assert dmi_method_hparams("cifar10", "LCCN-DMI", {}) == {"ce_state": {}}
-    assert dmi_method_hparams("mr", "LCCN-DMI", {}) == {"ce_state": {}, "warmup": 1000, "every": 100, "select": "acc", "reduction": "sum"}
+    assert "LCCN-DMI" not in DMI_PROTOCOLS["cifar10"].hparams
+    assert DMI_PROTOCOLS["mr"].hparams["LCCN-DMI"] == {"warmup": 1000, "every": 100, "select": "acc", "reduction": "sum"}
     mr = dmi_train_config("mr", "LCCN-DMI"); assert (mr.optimizer, mr.lr, mr.weight_decay, mr.epochs) == ("sgd", 1e-4, 1e-4, 50)
-    assert dmi_method_hparams("clothing1m", "DMI", {})["include_start"] is False
-    assert dmi_method_hparams("cifar10", "DMI", {}) == {"ce_state": {}, "normalize": False, "select": "acc"}
+    d = dmi_train_config("cifar10", "DMI"); assert (d.epochs, d.lr, d.schedule, d.milestones) == (100, 1e-6, None, ())
+
+
+def test_quick_presets_are_the_quick_scale():
+    """The quick presets keep the sizes, epochs, seeds, learning rates, methods and settings the claims were calibrated on."""
+    for c in (1, 2, 3):
+        q = DMI_PROTOCOLS[f"fmnist_case{c}"].at("quick")
+        assert (q.settings, q.seeds, q.n_train, q.splits) == ((("none", 0.0), ("asymmetric", 0.7)), (0, 1), (3000,), {"case": c, "n_val": 500, "n_test": 1000})
+        assert {m: (t["epochs"], t["lr"], t["eval_batch_size"]) for m, t in q.train_by_method.items()} == {"CE-DMI": (4, 1e-3, 256), "DMI": (6, 1e-3, 256)}
+    q = DMI_PROTOCOLS["mr"].at("quick")
+    assert (q.methods, q.settings, q.seeds, q.n_train, q.splits) == (("CE-DMI", "DMI"), (("asymmetric", 0.0), ("asymmetric", 0.7)), (0,), (3000,), {"n_val": 500})
+    assert {m: (t["epochs"], t["lr"]) for m, t in q.train_by_method.items()} == {"CE-DMI": (3, 1e-3), "DMI": (4, 1e-3)}
+    keys = lambda c, r: {x.key for x in expand(DMI_PROTOCOLS[f"fmnist_case{c}"].at("quick")) if x.noise == r}
+    assert keys(2, 0.0) == keys(3, 0.0) == keys(1, 0.0) and not keys(2, 0.7) & keys(3, 0.7)   # r = 0 runs once for the three cases
+
+
+def test_papermill_overrides():
+    ov = dmi_overrides(DMI_PROTOCOLS["mr"], "quick", methods=["DMI", "LCCN-DMI"], noise=0.4, seeds=3, n_train=500, epochs=2)
+    P = DMI_PROTOCOLS["mr"].at("quick", **ov)
+    assert (P.methods, P.settings, P.seeds, P.n_train) == (("CE-DMI", "DMI", "LCCN-DMI"), (("asymmetric", 0.4),), (0, 1, 2), (500,))
+    assert P.train_by_method["LCCN-DMI"] == DMI_PROTOCOLS["mr"].train_by_method["LCCN-DMI"] | {"epochs": 2, "lr": 1e-3, "eval_batch_size": 256}
+    assert P.hparams["LCCN-DMI"]["reduction"] == "sum" and set(P.needs) == {"DMI", "LCCN-DMI"}
+    assert DMI_PROTOCOLS["mr"].at("paper", **dmi_overrides(DMI_PROTOCOLS["mr"], "paper", epochs=7)).train_by_method["FW-DMI"]["epochs"] == 7
+    f = DMI_PROTOCOLS["fmnist_case1"]
+    assert f.at("paper", **dmi_overrides(f, "paper", noise=[0.0, 0.3])).settings == (("none", 0.0), ("asymmetric", 0.3))
+    assert dmi_overrides(f, "paper", noise="all")["settings"] == f.settings and dmi_overrides(f, "quick") == {}
+    with pytest.raises(ValueError, match="valid: CE-DMI, DMI"): dmi_overrides(f, "quick", methods="GCE-DMI")
+    with pytest.raises(ValueError, match="its noise is real"): dmi_overrides(DMI_PROTOCOLS["clothing1m"], "paper", noise=[0.2])
+
+
+def test_dmi_search_and_h0_on_a_tiny_sweep(tmp_path):
+    base = DMI_PROTOCOLS["fmnist_case3"]
+    P = base.at("quick", seeds=(0,), settings=(("asymmetric", 0.7),), n_train=(256,), splits={"case": 3, "n_val": 128, "n_test": 128},
+                train_by_method={m: c | {"epochs": 1} for m, c in base.at("quick").train_by_method.items()})
+    variants = dmi_search_protocols(P)
+    assert [len(expand(v)) for v in variants] == [4, 4] and expand(variants[0])[0].key == expand(variants[1])[0].key
+    sw = [sweep(v, tmp_path, device="cpu", keep_result=("DMI",), progress=False) for v in variants]
+    assert sum(s.trained for s in sw) == 7                                             # one CE-DMI, six DMI configurations
+    cand = dmi_search_candidates(sw, tmp_path, "cpu")
+    assert len(cand) == 6 and set(cand.table) == {"dmi_fig2_case3"} and cand.search_score.notna().all()
+    assert sorted(zip(cand.lr, cand.batch_size)) == sorted(itertools.product(dmi_lr_grid["lr"], dmi_lr_grid["batch_size"]))
+    again = dmi_search_candidates([s.__class__(s.rows, {}, s.runs, 0, 0.0) for s in sw], tmp_path, "cpu")   # read back from dmi_search.json
+    assert again.search_score.tolist() == cand.search_score.tolist()
+    assert len(dmi_search_pick(cand, by=("table", "noise_type", "noise", "seed"))) == 1
+    h0 = h0_accuracy(P)
+    assert h0[["noise_type", "noise", "seed"]].values.tolist() == [["asymmetric", 0.7, 0]] and abs(h0.h0.iloc[0] - 10) < 5   # always "bags"
+
+
+def test_scorecard_covers_every_figure_and_table(tmp_path):
+    items = [e.item for e in SCORECARD]
+    assert [i.split(",")[0].split(" (")[0] for i in items] == ["Fig. 1", "Fig. 2", "Fig. 2", "Fig. 2", "Fig. 3", "Fig. 3", "Fig. 3", "Table 1"]
+    cannot = {e.item for e in SCORECARD if e.cannot}
+    assert cannot == {items[0], "Fig. 3, CIFAR-10", "Fig. 3, Dogs vs. Cats", "Table 1, Clothing1M"}
+    text = write_scorecard(SCORECARD, root=tmp_path)
+    assert text.count("| DMI |") == 8 and "not run yet" in text and "cannot run here: CIFAR-10" in text
 
 
 def test_dmi_search_pick_on_fake_rows():

@@ -112,3 +112,35 @@ def test_ray_backend_matches_local(tmp_path):
     for k in local.index: assert abs(remote.test_acc[k] - local.test_acc[k]) < 0.005, (k, remote.test_acc[k], local.test_acc[k])
     again = sweep(p, tmp_path / "ray", backend="ray", progress=False)
     assert again.trained == 0
+
+
+def test_one_worker_killed_the_others_finish_its_run(tmp_path):
+    "SIGKILL one worker of two mid-run: its lease dies with it, the other worker resumes that run from its checkpoint and finishes the plan; the driver then reports the dead worker."
+    out = tmp_path / "sweep"
+    p = _start(out, 2)
+    t0 = time.time()
+    victim = None
+    while victim is None:
+        assert p.poll() is None, p.communicate()
+        assert time.time() - t0 < 300, "the sweep did not get going"
+        for ck in out.glob("runs/*/ckpt.pt"):                             # a run with at least one epoch done, still leased
+            if ck.parent.name in _held(out):
+                victim = (ck.parent.name, json.loads((ck.parent / "lease").read_text())["pid"]); break
+        time.sleep(0.2)
+    key, pid = victim
+    os.kill(pid, signal.SIGKILL)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode != 0 and "exit code -9" in err and "run the sweep again to continue" in err, err[-3000:]
+    keys = _keys(out)
+    assert sorted(keys) == sorted(r.key for r in expand(Protocol(**PROTO))), "the surviving worker finished every run, each once"
+    assert key in _log(err, "resuming"), "the killed worker's run was resumed from its checkpoint"
+
+
+def test_worker_pool_keeps_fit_results_for_figures(tmp_path):
+    "keep_result works with workers > 1: the workers save the FitResults and the driver returns them (and again on a re-run)."
+    p = Protocol(**(PROTO | {"seeds": (1, 2), "train": PROTO["train"] | {"epochs": 2}}))
+    s = sweep(p, tmp_path, workers=2, keep_result=("CE",), progress=False)
+    assert s.trained == 2 and sorted(s.results) == sorted(r.key for r in expand(p))
+    assert all(len(r.history) == 2 for r in s.results.values())
+    again = sweep(p, tmp_path, workers=2, keep_result=("CE",), progress=False)
+    assert again.trained == 0 and [again.results[k].history for k in sorted(again.results)] == [s.results[k].history for k in sorted(s.results)]

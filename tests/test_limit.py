@@ -103,8 +103,10 @@ def test_roc_auc_and_ranking():
 
 
 # ---- theory (Thm 2.1, Prop 3.1) ----------------------------------------------------------------------------------------
-from noisyrepro.limit import (fano_lower_bound, gaussian_mi_bound, gaussian_channel_mi, laplace_mi_bound, hparam_grid, split_lr,
-                              select_by_validation, bootstrap_std, PAPER_GRIDS, LIMIT_METHODS)
+from noisyrepro.limit import (fano_lower_bound, gaussian_mi_bound, gaussian_channel_mi, laplace_mi_bound, select_by_validation, bootstrap_std,
+                              PAPER_GRIDS, LIMIT_METHODS, LIMIT_TABLE4, LIMIT_TABLE5, LIMIT_TABLE6, LIMIT_TABLE7, LIMIT_FIG_A0, LIMIT_FIG_A3,
+                              SCORECARD, method_fields)
+from noisyrepro.experiment import expand, hparam_grid
 import pandas as pd
 
 
@@ -123,7 +125,54 @@ def test_protocol_grids_match_appendix_b():
     assert len(LIMIT_METHODS) == 11
     assert hparam_grid(PAPER_GRIDS["LIMIT_L-S"]) == [{"beta": b} for b in [0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]]
     assert len(hparam_grid(PAPER_GRIDS["SoftReg"])) == 20 and len(hparam_grid(PAPER_GRIDS["LIMIT_G+S"])) == 32
-    assert split_lr({"lr": 1e-5, "x": 1}) == ({"x": 1}, {"lr": 1e-5})
+
+
+def test_quick_presets_are_the_former_quick_defaults():
+    "quick: mnist5k, n = 1000, CE and the four LIMIT variants with beta = 10 (sigma_q = 0.1 where they sample), seeds 42, 43, 40 epochs, patience 15."
+    for T, p in ((LIMIT_TABLE4, 0.5), (LIMIT_TABLE5, 0.8)):
+        q = T.at("quick")
+        assert (q.dataset, q.n_train, q.seeds, q.settings) == ("mnist5k", (1000,), (42, 43), (("symmetric", p),))
+        assert q.methods == ("CE", "LIMIT_G-S", "LIMIT_L-S", "LIMIT_G+S", "LIMIT_L+S") and q.grids == {}
+        assert q.train == {"batch_size": 256, "lr": 1e-3, "normalize": "limit_mnist", "epochs": 40, "patience": 15}
+        assert q.hparams == {"LIMIT_G-S": {"beta": 10.0}, "LIMIT_L-S": {"beta": 10.0}, "LIMIT_G+S": {"beta": 10.0, "sigma_q": 0.1},
+                             "LIMIT_L+S": {"beta": 10.0, "sigma_q": 0.1}}
+        assert len(expand(q)) == 10
+
+
+def test_paper_presets_follow_appendix_b():
+    p = LIMIT_TABLE4.at("paper")
+    assert p.methods == tuple(LIMIT_METHODS) and p.n_train == (1000, 10000, None) and p.seeds == (42, 43, 44, 45, 46)
+    assert p.train["epochs"] == 400 and p.train["patience"] == 100 and p.grids["SoftReg"] == PAPER_GRIDS["SoftReg"]
+    assert p.seeds_by_method == {"LIMIT_G+S": 3, "LIMIT_L+S": 3, "SoftReg": 3}
+    assert p.needs == {"FW": ("ce_state", "CE"), "DMI-LIMIT": ("ce_state", "CE")}
+    runs = expand(p)
+    ce = {r.key for r in runs if r.method == "CE"}
+    assert all(r.needs[1] in ce for r in runs if r.method in ("FW", "DMI-LIMIT"))
+    assert {r.seed for r in runs if r.method == "SoftReg"} == {42, 43, 44}
+    assert {r.train["lr"] for r in runs if r.method == "DMI-LIMIT"} == {1e-3, 1e-4, 1e-5, 1e-6}
+    for T, kind in ((LIMIT_TABLE6, "symmetric"), (LIMIT_TABLE7, "asymmetric")):
+        c = T.at("paper")
+        assert c.dataset == "cifar10" and c.model == "resnet34_cifar" and {k for k, _ in c.settings} == {kind} and c.requires is None
+        assert c.needs["LIMIT_G-S+init"] == ("init_state", "CE") and c.train_by_method["LIMIT_L-S+init"] == {"patience": 200}
+        assert c.paper_names["LIMIT_L-S+init"] == "LIMIT_L+init" and c.paper_names["DMI-LIMIT"] == "DMI"
+
+
+def test_method_fields_follow_the_methods_and_overrides():
+    f = method_fields(["CE", "LIMIT_L+S"], "quick", beta=3.0, sigma_q=0.3)
+    assert f["hparams"] == {"LIMIT_L+S": {"beta": 3.0, "sigma_q": 0.3}} and f["grids"] == {} and f["needs"] == {}
+    f = method_fields(["FW", "LIMIT_G-S"], "paper", beta=1.0)
+    assert f["grids"] == {"LIMIT_G-S": {"beta": [1.0]}} and f["needs"] == {"FW": ("ce_state", "CE")}
+    LIMIT_TABLE4.at("quick", methods=["CE", "FW", "DMI-LIMIT"], **method_fields(["CE", "FW", "DMI-LIMIT"], "quick"))   # passes the checks
+    with pytest.raises(ValueError, match="not in methods"): LIMIT_TABLE4.at("quick", methods=["CE"])
+
+
+def test_figures_and_scorecard():
+    assert [len(expand(F.at("quick"))) for F in (LIMIT_FIG_A0, LIMIT_FIG_A3)] == [2, 1]
+    assert len(expand(LIMIT_FIG_A0.at("paper"))) == 16 and LIMIT_FIG_A3.at("quick").train["epochs"] == 15
+    items = " ".join(e.item for e in SCORECARD)
+    for it in ("Table 3", "Table 4", "Table 5", "Table 6", "Table 7", "Fig. A0", "Figs. A1-A2", "Fig. A3", "Fig. A4"): assert it in items, it
+    assert all(e.cannot for e in SCORECARD if "CIFAR" in e.item or "Clothing1M" in e.item)
+    assert all(e.protocol is not None for e in SCORECARD if e.cannot is None)
 
 
 def test_selection_uses_mean_validation_not_test():

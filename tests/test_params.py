@@ -1,7 +1,7 @@
 """Papermill-level contracts of every parameterised notebook (issue 14): bad parameters fail in the check cell right after the
 parameters cell, before any theory or training runs, naming every bad value and the valid ones; `--help-notebook` lists every
 parameter with its comment."""
-import json, subprocess, sys
+import json, re, subprocess, sys
 from pathlib import Path
 import papermill as pm
 import pytest
@@ -74,3 +74,28 @@ def test_good_parameters_pass_the_check(name, tmp_path):
     nb["cells"] = nb["cells"][:k + 1]
     cut = tmp_path / f"head_{name}"; cut.write_text(json.dumps(nb))
     pm.execute_notebook(str(cut), str(tmp_path / "out.ipynb"), parameters=GOOD[name], cwd=str(NBS), kernel_name="python3", progress_bar=False)
+
+
+def _out_name_via_papermill(name: str, params: dict, tmp_path) -> str:
+    "The output folder name a notebook derives for `params`: papermill runs its parameters and check cells, then asks `out_name`."
+    nb = json.loads((NBS / name).read_text())
+    _, k = _param_cells(nb)
+    probe = {"cell_type": "code", "id": "probe000", "metadata": {}, "execution_count": None, "outputs": [],
+             "source": ["from noisyrepro.core import out_name, parameter_defaults\n",
+                        "print('OUT_NAME=' + out_name(scale if 'scale' in PARAMS else 'quick', PARAMS, parameter_defaults(In, PARAMS)))"]}
+    nb["cells"] = nb["cells"][:k + 1] + [probe]
+    cut = tmp_path / f"probe_{name}"; cut.write_text(json.dumps(nb))
+    out = tmp_path / f"probe_out_{len(list(tmp_path.iterdir()))}.ipynb"
+    pm.execute_notebook(str(cut), str(out), parameters=params, cwd=str(NBS), kernel_name="python3", progress_bar=False)
+    text = "".join("".join(o.get("text", "")) for o in json.loads(out.read_text())["cells"][-1]["outputs"])
+    return re.search(r"OUT_NAME=(\S+)", text).group(1)
+
+
+@pytest.mark.parametrize("name,a,b", [("05_limit.ipynb", {"noise": 0.5}, {"noise": 0.8}),
+                                      ("08_cdr_aux.ipynb", {"noise_type": "pairflip", "noise": 0.4}, {"noise_type": "pairflip", "noise": 0.7})])
+def test_outputs_are_named_by_the_parameters_that_differ(name, a, b, tmp_path):
+    "`-p noise 0.5` then `-p noise 0.8` write two folders, not one overwritten (issue 14); the defaults keep the plain scale name."
+    na, nb_, n0 = (_out_name_via_papermill(name, p, tmp_path) for p in (a, b, {}))
+    assert n0 == "quick", n0
+    assert na != nb_ and nb_ != n0, (na, nb_, n0)                     # (05's default noise is 0.5: `-p noise 0.5` is the default folder)
+    assert _out_name_via_papermill(name, b | {"device": "cpu"}, tmp_path) == nb_, "the device does not change results, nor the folder"

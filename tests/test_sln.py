@@ -20,7 +20,9 @@ from noisyrepro.train import Method, Trainer, TrainConfig, fit, get_method
 from noisyrepro.sln import (SLN, OutputNoise, ParamNoise, PAPER_GRIDS, batch_param_noise, bonferroni_k, check_covariance,
                             corrected_targets, idn_softmax, lc_weights, open_set_splits, output_jacobians, output_noise_loss,
                             paper_config, paper_hparams, paper_sigma, per_draw_grads, prop1_matrix, prop2_diag, prop2_matrix,
-                            prop3_matrix, sln_noise_parts, sln_splits, sln_targets, soft_ce, softmax_jacobian)
+                            prop3_matrix, sln_noise_parts, sln_splits, sln_targets, soft_ce, softmax_jacobian,
+                            SCORECARD, SLN_FIG5, SLN_FIG6, SLN_FIG10, SLN_TABLE1, SLN_TABLE2, keep_last_states, last_epoch_records,
+                            last_state, only, sln_protocol_splits, table_hparams)
 
 F64 = torch.float64
 
@@ -210,7 +212,60 @@ def test_notebook_paper_branch_on_synthetic_cifar(synthetic_cifar, tmp_path, mon
     assert set(df.method) == {"CE", "SLN-MO-LC"} and (df.dataset == "cifar10").all() and (df.noise_type == "open_set").all()
     lc = df[df.method == "SLN-MO-LC"].iloc[0]
     assert '"correction":2' in lc.hparams and '"sigma":0.5' in lc.hparams             # App. B: σ = 0.5 for open-set; LC at 250/300 · 3
-    table = (out / "sln_table_cifar10.md").read_text()
+    table = (out / "sln_table1_open_set.md").read_text()                          # report(SLN_TABLE1["open_set"] at scale paper)
     rows = {r.split("|")[1].strip(): r for r in table.splitlines() if r.startswith("| ")}
-    assert "77.7 ± 0.8" in rows["CE"] and "88.5 ± 0.2" in rows["SLN-MO-LC"]        # beside the paper's Table 1 open-set column
-    assert "Scale: paper" in table and (out / "provenance.json").exists()
+    assert "/ 77.7" in rows["CE"] and "/ 88.5" in rows["SLN-MO-LC"]                 # 'best-val / last / paper': Table 1's open-set column
+    assert "Scale: paper" in table and (out / "provenance.json").exists() and (out / "sweeps" / "sln_table1_open_set.json").exists()
+
+
+def test_protocols_quick_and_paper_presets():
+    "Each table column is a Protocol: the quick preset is the MNIST miniature (the notebook's defaults), the paper preset App. B."
+    from noisyrepro.experiment import expand
+    q = SLN_TABLE1["symmetric"].at("quick")
+    assert (q.dataset, q.model, q.n_train, q.seeds, q.settings, q.splits) == ("mnist", "lenet", (1000,), (0,), (("symmetric", 0.4),), {"val": 250, "n_test": 1000})
+    assert (q.train["epochs"], q.train["lr"], q.headline, q.baseline) == (40, 0.02, "last_test_acc", "CE")
+    assert q.hparams["SLN-MO-LC"] == {"sigma": 0.5, "correction": 33} and q.train_by_method["SLN-MO-LC"] == {"ema": 0.95}
+    assert q.grids["GCE"]["warmup"] == [0, 7, 13, 20, 27, None] and q.grids["LS"] == {"eps": [0.2, 0.5, 0.8]}
+    assert {r.method for r in expand(only(q, ("CE", "SLN")))} == {"CE", "SLN"}
+    p = SLN_TABLE2["asymmetric"].at("paper")
+    assert (p.dataset, p.num_classes, p.model, p.train["epochs"], p.train["augment"], p.grids) == ("cifar100", 100, "wrn28_2", 300, "crop_flip", {})
+    assert p.hparams["SLN"] == {"sigma": 0.2} and p.hparams["GCE"]["warmup"] == 150 and p.train_by_method["SLN-MO"] == {"ema": 0.999}
+    assert SLN_TABLE1["idn"].at("paper").splits_by_noise["idn"]["idn_train"]["milestones"] == [60, 120]
+    assert table_hparams("cifar10", "symmetric", 3, tune=True)[1]["GCE"]["warmup"] == [0, 1, 2, None]   # rescaled, duplicates dropped
+    assert SLN_FIG10.at("quick").hparams["SLN-MO-LC"]["scheme"] == "reversed"
+    with pytest.raises(ValueError, match="valid"): SLN_TABLE1["symmetric"].at("quick", methods=("CE", "SLN-M0"))
+
+
+def test_scorecard_covers_every_table_and_figure():
+    items = " ".join(e.item for e in SCORECARD)
+    for t in ("Table 1", "Table 2", "Table 3", "Table 4"): assert t in items, t
+    for f in range(1, 11): assert f"Fig. {f}," in items or f"Fig. {f} " in items or f"Figs. {f} " in items or f"and {f}," in items, f
+    cifar = [e for e in SCORECARD if "CIFAR" in e.item and "miniature" not in e.item]
+    assert cifar and all(e.cannot for e in cifar)
+    assert all(e.protocol.scale == "quick" for e in SCORECARD if e.protocol is not None and not e.cannot)
+
+
+def test_idn_split_function_caches_the_softmax(tmp_path, monkeypatch):
+    "sln_protocol_splits computes IDN's softmax from the split options once and caches it in the data folder."
+    monkeypatch.setenv("NOISYREPRO_DATA", str(tmp_path))
+    for d in ("MNIST",): (tmp_path / d).symlink_to(REAL_DATA / d)
+    opts = dict(val=50, n_test=100, idn_model="lenet", idn_train={"epochs": 1, "batch_size": 64, "lr": 0.01, "optimizer": "sgd", "progress": False})
+    sp = sln_protocol_splits("mnist", "idn", 0.4, n_train=100, seed=0, **opts)
+    cached = list((tmp_path / "derived" / "sln_idn").glob("*.pt"))
+    assert len(cached) == 1 and int(sp.train_noise.is_noisy.sum()) == 40 and len(sp.test) == 100
+    sp2 = sln_protocol_splits("mnist", "idn", 0.4, n_train=100, seed=0, **opts)
+    assert torch.equal(sp2.train.y, sp.train.y) and list((tmp_path / "derived" / "sln_idn").glob("*.pt")) == cached
+    with pytest.raises(ValueError, match="needs the split options idn_model and idn_train"): sln_protocol_splits("mnist", "idn", 0.4, n_train=100, val=50)
+
+
+def test_last_states_of_an_in_process_sweep(tmp_path):
+    "keep_last_states saves the converged weights of the runs a sweep trains; a recorded sweep trains nothing and keeps them."
+    from noisyrepro.experiment import sweep
+    p = only(SLN_TABLE1["symmetric"].at("quick"), ("CE",)).at(None, n_train=(64,), train={"epochs": 1, "batch_size": 32, "lr": 0.02,
+                                                                                         "optimizer": "sgd", "progress": False}, splits={"val": 32, "n_test": 64})
+    with keep_last_states(p, tmp_path): s = sweep(p, tmp_path, progress=False)
+    rec = last_epoch_records(s.runs[0], tmp_path)
+    assert len(rec["pred"]) == 64 and torch.allclose(rec["p_label"], torch.exp(-rec["loss"]), atol=1e-5)
+    with keep_last_states(p, tmp_path): assert sweep(p, tmp_path, progress=False).trained == 0
+    assert set(last_state(tmp_path, s.runs[0].key)) == set(get_model("lenet", 10).state_dict())
+    with pytest.raises(FileNotFoundError, match="keep_last_states"): last_state(tmp_path, "nope")
