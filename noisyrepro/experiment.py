@@ -590,7 +590,8 @@ def _status(entry: ScoreEntry, rows: pd.DataFrame, z: float = 2.0) -> tuple[str,
         tag = "best-val" if p.headline == "test_acc" else "last"
         g = float(r[f"{tag} gap"].split(" ± ")[0])
         hits += (g * pg > 0) and r[f"{tag} verdict"] == "above noise"
-    what = "effect shown" if total and hits else "effect not shown"
+    if not total: return f"quick scale ({seeds} seed(s)): ours shown; the paper has no number at these settings to compare", cells
+    what = "effect shown" if hits else "effect not shown"
     return f"quick scale: {what} ({hits} of {total} paper gaps vs {p.baseline} found above noise, {seeds} seed(s))", cells
 
 # %% ../nbs/04c_experiment.ipynb #a4ecd983
