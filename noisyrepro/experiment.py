@@ -16,7 +16,7 @@ from .models import MODELS, get_model
 from .noise import KINDS
 from .splits import noisy_splits
 from .train import METHODS, TrainConfig, fit, get_method, method_keywords
-from .results import RESULTS_FILE, done_keys, load_results, paper_numbers, record_result, render_table, summarize
+from .results import RESULTS_FILE, _fmt, done_keys, load_results, paper_numbers, record_result, render_table, summarize
 try: import fcntl
 except ImportError: fcntl = None        # Windows: no advisory locks, so one worker only
 
@@ -478,7 +478,7 @@ def select_hparams(df: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
     return df.assign(**{c: df[c].astype(str) for c in hp}).merge(best, on=keys + hp)
 
 # %% ../nbs/04c_experiment.ipynb #06fa294b
-def _fmt_ms(m, s) -> str: return "–" if pd.isna(m) else f"{m:.1f}" + ("" if pd.isna(s) else f" ± {s:.1f}")
+def _fmt_ms(m, s=None) -> str: return _fmt(m, s) or "–"          # results' cell format; '–' where there is no number
 
 def _setting_label(nt, p, n) -> str:
     "'symmetric 50%' or 'symmetric 50%, n=1000'."
@@ -525,7 +525,7 @@ def report(protocol: Protocol, out_dir: str | Path, z: float = 2.0, device: str 
     ours = best.merge(last[[*by, "mean", "std"]].rename(columns={"mean": "last_mean", "std": "last_std"}), on=list(by), how="left")
     cmp = with_paper(protocol, ours)
     cmp["setting"] = [_setting_label(nt, p, n) for nt, p, n in zip(cmp.noise_type, cmp.noise, cmp.n_train)]
-    cmp["cell"] = [f"{_fmt_ms(b, bs)} / {_fmt_ms(l, ls)} / {'–' if pd.isna(pm) else f'{pm:.1f}'}"
+    cmp["cell"] = [f"{_fmt_ms(b, bs)} / {_fmt_ms(l, ls)} / {_fmt_ms(pm)}"
                    for b, bs, l, ls, pm in zip(cmp["mean"], cmp["std"], cmp.last_mean, cmp.last_std, cmp.paper_mean)]
     table = cmp.pivot(index="method", columns="setting", values="cell").reindex(index=pd.unique(cmp.method), columns=pd.unique(cmp.setting)).fillna("")
     table.columns.name = None
@@ -569,7 +569,7 @@ def _status(entry: ScoreEntry, rows: pd.DataFrame, z: float = 2.0) -> tuple[str,
     sel = select_hparams(rows) if p.grids else rows
     ours = summarize(sel, by=("dataset", "noise_type", "noise", "n_train", "method"), metric=p.headline)
     cmp = with_paper(p, ours)
-    cells = "; ".join(f"{m} {_setting_label(nt, r, n)}: {_fmt_ms(a, None)} / {'–' if pd.isna(b) else f'{b:.1f}'}"
+    cells = "; ".join(f"{m} {_setting_label(nt, r, n)}: {_fmt_ms(a)} / {_fmt_ms(b)}"
                       for m, nt, r, n, a, b in zip(cmp.method, cmp.noise_type, cmp.noise, cmp.n_train, cmp["mean"], cmp.paper_mean))
     seeds = int(cmp.n.max()) if len(cmp) else 0
     if scale == "paper":
