@@ -121,11 +121,9 @@ class AUX(Method):
         self.lamb, self.aux_lr, self.loss_name, self.b, self.log = float(lamb), aux_lr, loss, None, []
         super().__init__(**kw)
     def setup(self, tr):
-        "b = 0 ∈ R^{n×c}, on the training device; each epoch's record in the trainer's history gets `train_acc_aux`."
+        "b = 0 ∈ R^{n×c}, on the training device."
         self.b = torch.zeros(len(tr.train), tr.train.num_classes, device=tr.device)
         self._hits, self._seen = torch.zeros((), device=tr.device), 0
-        epoch = tr.train_epoch                                                  # the FitResult's history then holds Fig. 1's curve
-        tr.train_epoch = lambda: epoch() | {"train_acc_aux": self.log[-1]["train_acc_aux"]}
         super().setup(tr)
     def loss(self, tr, logits, y, idx, x):
         "Mean of ℓ(f(W, x_i) + λ b_i, ỹ_i) over the batch."
@@ -142,6 +140,9 @@ class AUX(Method):
         "Record the epoch's training accuracy of f + λb against the given labels."
         self.log.append({"epoch": epoch + 1, "train_acc_aux": (self._hits / max(self._seen, 1)).item()})
         self._hits.zero_(); self._seen = 0; super().end_epoch(tr, epoch)
+    def epoch_log(self, tr):
+        "Each epoch's record in the trainer's history gets `train_acc_aux` (the FitResult's history then holds Fig. 1's curve)."
+        return {"train_acc_aux": self.log[-1]["train_acc_aux"]} | super().epoch_log(tr)
     def state_dict(self): return {"b": self.b, "log": list(self.log)} | super().state_dict()
     def load_state_dict(self, sd):
         self.b.copy_(sd["b"]); self.log = list(sd["log"]); super().load_state_dict(sd)

@@ -249,8 +249,10 @@ def _slug(v) -> str:
     s = "-".join(map(_slug, v)) if isinstance(v, (list, tuple)) else str(v)
     return "".join(ch for ch in s if ch.isalnum() or ch in "._+-")
 
-def out_name(scale: str, params: dict, defaults: dict, ignore=("scale", "device", "out_dir", "root", "workers")) -> str:
-    "`scale`, then `name-value` for each parameter that differs from `defaults` (e.g. 'quick_noise-0.8'): one folder per configuration."
+def out_name(scale: str, params: dict, defaults: dict,
+             ignore=("scale", "device", "out_dir", "root", "workers", "stack", "ckpt_every", "eval_test")) -> str:
+    """`scale`, then `name-value` for each parameter that differs from `defaults` (e.g. 'quick_noise-0.8'): one folder per configuration.
+    Parameters that change how runs are trained but not what they record (device, workers, stacking, checkpoints) are ignored."""
     parts = [f"{k}-{_slug(v)}" for k, v in params.items() if k not in ignore and k in defaults and v != defaults[k]]
     return "_".join([scale, *parts])
 

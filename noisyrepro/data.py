@@ -293,8 +293,16 @@ NORMALIZATION = {
     "none": ((0.0,), (1 / 255,)),                       # CDR's raw 0-255 Fashion-MNIST
 }
 
+_NORM_CACHE: dict = {}
+
+def _norm_constants(stats: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    "The mean and std of `stats` as 1×C×1×1 tensors on `device`, made once (a tensor built from a list each step is a host-to-device copy)."
+    key = (stats, str(device))
+    if key not in _NORM_CACHE: _NORM_CACHE[key] = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in NORMALIZATION[stats])
+    return _NORM_CACHE[key]
+
 def normalize(x: torch.Tensor, stats: str = "mnist") -> torch.Tensor:
     """uint8 images (N×C×H×W) to float, scaled to [0, 1] and standardised with the named statistics."""
     if stats not in NORMALIZATION: raise ValueError(f"unknown normalisation {stats!r}; valid: {', '.join(NORMALIZATION)}")
-    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in NORMALIZATION[stats])
+    mean, std = _norm_constants(stats, x.device)
     return (x.float() / 255 - mean) / std

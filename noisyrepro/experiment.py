@@ -15,15 +15,17 @@ from .data import DATASETS
 from .models import MODELS, get_model
 from .noise import KINDS
 from .splits import noisy_splits
-from .train import METHODS, TrainConfig, fit, get_method, method_keywords
+from .train import METHODS, TrainConfig, _check_fit_options, fit, get_method, method_keywords
+from .stack import STACK_FREE, fit_stack, stack_mode as _stack_mode
 from .results import RESULTS_FILE, _fmt, done_keys, load_results, paper_numbers, record_result, render_table, summarize
 try: import fcntl
 except ImportError: fcntl = None        # Windows: no advisory locks, so one worker only
 
 # %% auto #0
 __all__ = ['NOISE', 'SCALES', 'run_experiment', 'best_state', 'Protocol', 'Run', 'hparam_grid', 'expand', 'add_method', 'execute',
-           'lease', 'worker_main', 'SweepResult', 'protocol_rows', 'load_results_empty', 'sweep', 'paired_gap',
-           'select_hparams', 'ranking', 'with_paper', 'report', 'ScoreEntry', 'write_scorecard']
+           'stack_signature_of', 'stack_units', 'execute_stack', 'lease', 'worker_main', 'SweepResult', 'protocol_rows',
+           'load_results_empty', 'sweep', 'paired_gap', 'select_hparams', 'ranking', 'with_paper', 'report',
+           'ScoreEntry', 'write_scorecard']
 
 # %% ../nbs/04c_experiment.ipynb #f6207dac
 def _log_run(what: str, method: str, hparams: dict, cfg, key: str, row: dict | None = None, res=None):
@@ -45,6 +47,14 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
     full = {**meta, "method": method, "hparams": plain_hp, "cfg": dataclasses.asdict(cfg), "n_train": len(splits.train),
             "noise_seed": splits.train_noise.seed, "labels_sha256": splits.train_noise.sha256}
     key, out_dir = key or config_key(full), Path(out_dir)
+    if (found := _skip(out_dir, key, method, plain_hp, cfg, keep_result)) is not None: return found
+    run = out_dir / "runs" / key
+    res = fit(model_fn(), splits.train, splits.val, splits.test, get_method(method, **hparams), cfg,
+              is_noisy=splits.train_noise.is_noisy, ckpt=run / "ckpt.pt", **fit_kw)
+    return _finish(out_dir, key, meta, method, plain_hp, cfg, splits, res, keep_state, keep_result), res
+
+def _skip(out_dir: Path, key: str, method: str, plain_hp: dict, cfg, keep_result: bool) -> tuple | None:
+    "(row, FitResult or None) of a recorded run; None when the run must be trained (its folder then exists)."
     run = out_dir / "runs" / key
     if (row := _recorded(out_dir, key)) is not None:
         res = torch.load(run / "result.pt", weights_only=False) if keep_result and (run / "result.pt").exists() else None
@@ -53,8 +63,11 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
         warnings.warn(f"run {key} is recorded but its result.pt is missing; training it again to rebuild the figure data")
     run.mkdir(parents=True, exist_ok=True)
     if (run / "ckpt.pt").exists(): _log_run("resuming", method, plain_hp, cfg, key)
-    res = fit(model_fn(), splits.train, splits.val, splits.test, get_method(method, **hparams), cfg,
-              is_noisy=splits.train_noise.is_noisy, ckpt=run / "ckpt.pt", **fit_kw)
+    return None
+
+def _finish(out_dir: Path, key: str, meta: dict, method: str, plain_hp: dict, cfg, splits, res, keep_state: bool, keep_result: bool) -> dict:
+    "Save what the run keeps (best state, FitResult), record its row in results.csv (once), drop its checkpoint; return the row."
+    run = out_dir / "runs" / key
     if keep_state: torch.save(res.best_state, run / "best.pt")
     if keep_result: _save_result(run / "result.pt", dataclasses.replace(res, diagnostics=None))
     row = {**meta, "method": method, "hparams": plain_hp, "seed": cfg.seed, **res.row(), "n_train": len(splits.train),
@@ -64,7 +77,7 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
     else: record_result(out_dir, row)
     _log_run("finished", method, plain_hp, cfg, key, row, res)
     (run / "ckpt.pt").unlink(missing_ok=True)                   # the row is the record; keep disk use small
-    return row, res
+    return row
 
 def _recorded(out_dir: Path, key: str) -> dict | None:
     "The results.csv row of run `key`, or None if it is not recorded (one read of the file)."
@@ -265,8 +278,8 @@ def add_method(protocol: Protocol, method: str, hparams: dict | None = None, gri
                        train_by_method=extra(protocol.train_by_method, train), needs=extra(protocol.needs, needs))
 
 # %% ../nbs/04c_experiment.ipynb #81b8f07b
-def execute(run: Run, out_dir: str | Path, device: str = "auto", state: dict | None = None, keep_result: bool = False) -> tuple[dict, object]:
-    "Train `run` unless `<out_dir>/results.csv` has it (resuming its checkpoint); return (row, FitResult or None)."
+def _setup(run: Run, out_dir: str | Path, device: str = "auto", state: dict | None = None) -> tuple:
+    "What training `run` needs: (meta, model_fn, splits, hyper-parameters with the base's state, TrainConfig)."
     _import_modules(run.module)                                          # registers the run's methods
     hp = dict(run.hparams)
     if run.needs:
@@ -279,8 +292,48 @@ def execute(run: Run, out_dir: str | Path, device: str = "auto", state: dict | N
             "scale": run.scale, "protocol": run.protocol} | ({"grid": run.grid} if run.grid else {})
     model_fn = ((lambda: _resolve(run.model_fn)(run.model, run.num_classes, run.seed, sp, **run.model_kw)) if run.model_fn else
                 (lambda: get_model(run.model, run.num_classes, seed=run.seed, **run.model_kw)))
+    return meta, model_fn, sp, hp, cfg
+
+def execute(run: Run, out_dir: str | Path, device: str = "auto", state: dict | None = None, keep_result: bool = False,
+            fit_kw: dict | None = None) -> tuple[dict, object]:
+    "Train `run` unless `<out_dir>/results.csv` has it (resuming its checkpoint; `fit_kw`: `fit`'s cost options); return (row, FitResult or None)."
+    meta, model_fn, sp, hp, cfg = _setup(run, out_dir, device, state)
     return run_experiment(out_dir, meta, model_fn, sp, run.method, hp, cfg,
-                          keep_state=run.keep_state, keep_result=keep_result, key=run.key)
+                          keep_state=run.keep_state, keep_result=keep_result, key=run.key, **(fit_kw or {}))
+
+# %% ../nbs/04c_experiment.ipynb #d1bbc2a1
+def stack_signature_of(run: Run) -> str:
+    "The key of the runs that `fit_stack` can train together with `run` (known before any data are loaded)."
+    return config_key({"module": run.module, "dataset": run.dataset, "model": run.model, "num_classes": run.num_classes, "n_train": run.n_train,
+                       "method": run.method, "train": {k: v for k, v in run.train.items() if k not in STACK_FREE}, "splits": run.splits,
+                       "splits_fn": run.splits_fn, "model_kw": run.model_kw, "model_fn": run.model_fn})
+
+def stack_units(runs: list[Run], stack: int = 1) -> list[list[Run]]:
+    "The runs in stacks of at most `stack` runs of one signature, ordered by their first run's place in `runs`."
+    if not (isinstance(stack, int) and stack >= 1): raise ValueError(f"stack={stack!r}; valid: an integer >= 1")
+    groups: dict[str, list[Run]] = {}
+    for r in runs: groups.setdefault(stack_signature_of(r), []).append(r)
+    units = [g[i:i + stack] for g in groups.values() for i in range(0, len(g), stack)]
+    where = {r.key: i for i, r in enumerate(runs)}
+    return sorted(units, key=lambda u: where[u[0].key])
+
+def execute_stack(runs: list[Run], out_dir: str | Path, device: str = "auto", keep_result=frozenset(), mode: str = "auto",
+                  fit_kw: dict | None = None) -> dict:
+    "Train the unrecorded `runs` (one stack signature) together; {key: (row, FitResult or None)} of every run."
+    out_dir, out, todo = Path(out_dir), {}, []
+    for run in runs:
+        meta, model_fn, sp, hp, cfg = _setup(run, out_dir, device)
+        plain_hp = {k: v for k, v in hp.items() if not isinstance(v, (dict, torch.Tensor))}
+        if (found := _skip(out_dir, run.key, run.method, plain_hp, cfg, run.key in keep_result)) is not None: out[run.key] = found
+        else: todo.append((run, meta, model_fn, sp, hp, plain_hp, cfg))
+    if not todo: return out
+    res = fit_stack([t[2]() for t in todo], [t[3].train for t in todo], [t[3].val for t in todo], [t[3].test for t in todo],
+                    methods=[get_method(t[0].method, **t[4]) for t in todo], cfgs=[t[6] for t in todo],
+                    is_noisy=[t[3].train_noise.is_noisy for t in todo], ckpts=[out_dir / "runs" / t[0].key / "ckpt.pt" for t in todo], mode=mode,
+                    **(fit_kw or {}))
+    for (run, meta, _, sp, _, plain_hp, cfg), r in zip(todo, res):
+        out[run.key] = _finish(out_dir, run.key, meta, run.method, plain_hp, cfg, sp, r, run.keep_state, run.key in keep_result), r
+    return out
 
 # %% ../nbs/04c_experiment.ipynb #565e4939
 @contextlib.contextmanager
@@ -298,39 +351,48 @@ def lease(out_dir: str | Path, key: str):
             if fcntl is not None: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/04c_experiment.ipynb #99de4da3
-def _work(runs: list[Run], out_dir: str | Path, device: str = "auto", keep_result=frozenset(), on_run=None, poll: float = 0.5) -> dict:
-    "Claim, train and record the runs nobody has recorded or is training; {key: FitResult} of the runs whose key is in `keep_result`."
-    out_dir, pending, out = Path(out_dir), list(runs), {}
+def _work(runs: list[Run], out_dir: str | Path, device: str = "auto", keep_result=frozenset(), on_run=None, poll: float = 0.5,
+          stack: int = 1, stack_mode: str = "auto", fit_kw: dict | None = None) -> dict:
+    "Claim, train and record the runs nobody has recorded or is training (`stack` at a time); {key: FitResult} of those in `keep_result`."
+    out_dir, pending, out = Path(out_dir), stack_units(runs, stack), {}
     planned = {r.key for r in runs}
     while pending:
         done, progressed = done_keys(out_dir), False
-        for run in list(pending):
-            if run.key in done and run.key not in keep_result:
-                pending.remove(run); progressed = True
+        for unit in list(pending):
+            for run in [r for r in unit if r.key in done and r.key not in keep_result]:
+                unit.remove(run); progressed = True
                 if on_run: on_run(run, "recorded")
-                continue
-            if run.needs and run.needs[1] not in done:
-                if run.needs[1] not in planned: raise RuntimeError(f"run {run.key} ({run.method}) starts from run {run.needs[1]}, which is neither recorded in {out_dir} nor in the plan")
-                continue
-            with lease(out_dir, run.key) as mine:
-                if not mine: continue
-                was_done = run.key in done_keys(out_dir)
-                row, res = execute(run, out_dir, device, keep_result=run.key in keep_result)
-            out[run.key] = res; pending.remove(run); progressed = True; done.add(run.key)
-            if on_run: on_run(run, "recorded" if was_done else "trained")
+            for run in unit:
+                if run.needs and run.needs[1] not in done and run.needs[1] not in planned:
+                    raise RuntimeError(f"run {run.key} ({run.method}) starts from run {run.needs[1]}, which is neither recorded in {out_dir} nor in the plan")
+            ready = [r for r in unit if not (r.needs and r.needs[1] not in done)]
+            with contextlib.ExitStack() as held:
+                mine = [r for r in ready if held.enter_context(lease(out_dir, r.key))]
+                if not mine:
+                    if not unit: pending.remove(unit)
+                    continue
+                was_done = done_keys(out_dir)
+                if len(mine) == 1: got = {mine[0].key: execute(mine[0], out_dir, device, keep_result=mine[0].key in keep_result, fit_kw=fit_kw)}
+                else: got = execute_stack(mine, out_dir, device, keep_result, stack_mode, fit_kw)
+            for run in mine:
+                out[run.key] = got[run.key][1]; unit.remove(run); done.add(run.key); progressed = True
+                if on_run: on_run(run, "recorded" if run.key in was_done else "trained")
+            if not unit: pending.remove(unit)
         if pending and not progressed: time.sleep(poll)
     return out
 
 # %% ../nbs/04c_experiment.ipynb #497260d4
-def _write_plan(runs: list[Run], out_dir: Path, device: str, keep=()) -> Path:
-    "Write the runs of a sweep (and the keys whose FitResults are kept) to `<out_dir>/sweeps/plan-<hash>.json`; return its path."
-    plan = {"out_dir": str(out_dir), "device": device, "runs": [dataclasses.asdict(r) for r in runs], "keep": sorted(keep)}
+def _write_plan(runs: list[Run], out_dir: Path, device: str, keep=(), stack: int = 1, stack_mode: str = "auto", fit_kw: dict | None = None) -> Path:
+    "Write the runs of a sweep (the keys whose FitResults are kept, the stacking) to `<out_dir>/sweeps/plan-<hash>.json`; return its path."
+    plan = {"out_dir": str(out_dir), "device": device, "runs": [dataclasses.asdict(r) for r in runs], "keep": sorted(keep),
+            "stack": stack, "stack_mode": stack_mode, "fit_kw": fit_kw or {}}
     return atomic_write_text(out_dir / "sweeps" / f"plan-{config_key([r.key for r in runs])}.json", json.dumps(plan, default=str))
 
 def worker_main(plan: str | Path) -> None:
     "Entry point of a worker process: work through the plan file's runs with the others."
     d = json.loads(Path(plan).read_text())
-    _work([Run.from_dict(r) for r in d["runs"]], d["out_dir"], d["device"], keep_result=frozenset(d.get("keep", ())))
+    _work([Run.from_dict(r) for r in d["runs"]], d["out_dir"], d["device"], keep_result=frozenset(d.get("keep", ())),
+          stack=d.get("stack", 1), stack_mode=d.get("stack_mode", "auto"), fit_kw=d.get("fit_kw"))
 
 # %% ../nbs/04c_experiment.ipynb #b48cbe91
 @dataclass
@@ -372,9 +434,16 @@ def _sweep_record(protocol: Protocol, out_dir: Path, runs: list, device: str, **
 
 def sweep(protocol: Protocol, out_dir: str | Path, workers: int = 1, backend: str = "local", device: str = "auto",
           keep_result=(), progress: bool | None = None, ray_address: str | None = None, gpus_per_run: float = 0.0,
-          cpus_per_run: float = 1.0) -> SweepResult:
-    "Train every run of `protocol` not recorded in `out_dir` (resuming interrupted ones) and return its rows."
+          cpus_per_run: float = 1.0, stack: int = 1, stack_mode: str = "auto", fit_kw: dict | None = None) -> SweepResult:
+    """Train every run of `protocol` not recorded in `out_dir` (resuming interrupted ones; `stack` runs per step) and return its rows.
+    `fit_kw` passes `fit`'s cost options (`ckpt_every`, `ckpt_seconds`, `eval_test`), which never change a run's key."""
     if backend not in ("local", "ray"): raise ValueError(f"unknown backend {backend!r}; valid: 'local', 'ray'")
+    if not (isinstance(stack, int) and stack >= 1): raise ValueError(f"stack={stack!r}; valid: an integer >= 1")
+    stack_mode_ = _stack_mode(stack_mode, get_device(device))                 # checks the name before anything runs
+    bad = sorted(set(fit_kw or {}) - {"ckpt_every", "ckpt_seconds", "eval_test"})
+    if bad: raise ValueError(f"fit_kw has unknown option(s) {', '.join(bad)}; valid: ckpt_every, ckpt_seconds, eval_test")
+    _check_fit_options(**({"ckpt_every": 1, "ckpt_seconds": None, "eval_test": "every"} | (fit_kw or {})))
+    if stack > 1 and backend == "ray": raise ValueError(f"stack={stack} with backend='ray': valid: stack=1 (one Ray task per run), or backend='local'")
     if not (isinstance(workers, int) and workers >= 1): raise ValueError(f"workers={workers!r}; valid: an integer >= 1")
     if workers > 1 and fcntl is None: raise ValueError("workers > 1 needs POSIX file locks (fcntl), which this system lacks; valid: workers=1")
     if protocol.requires: raise RuntimeError(f"protocol {protocol.name!r} cannot run here: {protocol.requires}")
@@ -384,26 +453,29 @@ def sweep(protocol: Protocol, out_dir: str | Path, workers: int = 1, backend: st
     keep = {r.key for r in runs if r.method in set(keep_result)}
     before = done_keys(out_dir) & {r.key for r in runs}
     started = time.time()
-    _sweep_record(protocol, out_dir, runs, device, started=started, workers=workers, backend=backend, status="running")
+    _sweep_record(protocol, out_dir, runs, device, started=started, workers=workers, backend=backend, stack=stack, stack_mode=stack_mode_,
+                  fit_kw=fit_kw or {}, status="running")
     bar = _bar(len(runs), len(before), protocol.name, disable=progress is False)
     with Timer() as t:
         try:
-            if backend == "ray": results = _sweep_ray(runs, out_dir, device, ray_address, gpus_per_run, cpus_per_run, keep, bar)
-            elif workers == 1: results = _work(runs, out_dir, device, keep, on_run=lambda r, what: bar.update(what == "trained" or r.key not in before))
+            if backend == "ray": results = _sweep_ray(runs, out_dir, device, ray_address, gpus_per_run, cpus_per_run, keep, bar, fit_kw)
+            elif workers == 1: results = _work(runs, out_dir, device, keep, on_run=lambda r, what: bar.update(what == "trained" or r.key not in before),
+                                               stack=stack, stack_mode=stack_mode_, fit_kw=fit_kw)
             else:
-                _spawn(runs, out_dir, device, workers, bar, keep)
+                _spawn(runs, out_dir, device, workers, bar, keep, stack, stack_mode_, fit_kw)
                 results = _work([r for r in runs if r.key in keep], out_dir, device, keep)   # recorded: loads their saved FitResults
         finally: bar.close()
     after = done_keys(out_dir)
     trained = len((after - before) & {r.key for r in runs})
     _sweep_record(protocol, out_dir, runs, device, started=started, seconds=t.seconds, workers=workers, backend=backend,
-                  status="finished", trained=trained)
+                  stack=stack, stack_mode=stack_mode_, status="finished", trained=trained)
     return SweepResult(protocol_rows(protocol, out_dir, runs), results, runs, trained, t.seconds)
 
 # %% ../nbs/04c_experiment.ipynb #7ad9ce29
-def _spawn(runs: list[Run], out_dir: Path, device: str, workers: int, bar, keep=()) -> None:
+def _spawn(runs: list[Run], out_dir: Path, device: str, workers: int, bar, keep=(), stack: int = 1, stack_mode: str = "auto",
+           fit_kw: dict | None = None) -> None:
     "Run `workers` worker processes over the plan (saving the FitResults of the keys in `keep`), updating `bar` from results.csv until they exit."
-    plan = _write_plan(runs, out_dir, device, keep)
+    plan = _write_plan(runs, out_dir, device, keep, stack, stack_mode, fit_kw)
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))}
     cmd = [sys.executable, "-c", "import sys; from noisyrepro.experiment import worker_main; worker_main(sys.argv[1])", str(plan)]
     procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
@@ -423,15 +495,15 @@ def _spawn(runs: list[Run], out_dir: Path, device: str, workers: int, bar, keep=
                                f"{n} of {len(runs)} runs are recorded in {out_dir} and kept: run the sweep again to continue")
 
 # %% ../nbs/04c_experiment.ipynb #4444bfb2
-def _ray_task(run_d: dict, device: str, state: dict | None) -> tuple[dict, dict | None]:
+def _ray_task(run_d: dict, device: str, state: dict | None, fit_kw: dict | None = None) -> tuple[dict, dict | None]:
     "One Ray task: train the run in a scratch folder; return its row and, for a base run, its best state."
     import tempfile
     run = Run.from_dict(run_d)
     with tempfile.TemporaryDirectory() as d:
-        row, _ = execute(run, d, device, state=state)
+        row, _ = execute(run, d, device, state=state, fit_kw=fit_kw)
         return row, (best_state(d, run.key) if run.keep_state else None)
 
-def _sweep_ray(runs: list[Run], out_dir: Path, device: str, address, gpus: float, cpus: float, keep: set, bar) -> dict:
+def _sweep_ray(runs: list[Run], out_dir: Path, device: str, address, gpus: float, cpus: float, keep: set, bar, fit_kw: dict | None = None) -> dict:
     "Submit the pending runs as Ray tasks (bases first) and record their rows here, in the driver."
     try: import ray
     except ImportError: raise ImportError("backend='ray' needs Ray, which is not installed; install it with pip install -e '.[ray]' (or pip install ray)") from None
@@ -442,7 +514,7 @@ def _sweep_ray(runs: list[Run], out_dir: Path, device: str, address, gpus: float
     while pending or flying:
         for r in [r for r in pending if not r.needs or r.needs[1] in done]:
             st = best_state(out_dir, r.needs[1]) if r.needs else None
-            flying[task.remote(dataclasses.asdict(r), device, st)] = r; pending.remove(r)
+            flying[task.remote(dataclasses.asdict(r), device, st, fit_kw)] = r; pending.remove(r)
         if not flying: raise RuntimeError(f"{len(pending)} run(s) wait for a base run that is neither recorded nor planned")
         ready, _ = ray.wait(list(flying), num_returns=1)
         r = flying.pop(ready[0]); row, st = ray.get(ready[0])

@@ -15,9 +15,9 @@ from .core import VALID_DEVICES, Timer, atomic_write_bytes, config_key, get_devi
 from .data import LabeledData, NORMALIZATION, normalize, to_device
 
 # %% auto #0
-__all__ = ['PAD_FILLS', 'METHODS', 'METHOD_TAGS', 'TrainConfig', 'random_crop_flip', 'Method', 'register_method', 'get_method',
-           'method_keywords', 'MethodSpec', 'method_spec', 'pad_value', 'predict_logits', 'predict_proba', 'accuracy',
-           'EMA', 'FitResult', 'Trainer', 'fit']
+__all__ = ['PAD_FILLS', 'METHODS', 'METHOD_TAGS', 'EVAL_TEST', 'TrainConfig', 'random_crop_flip', 'Method', 'register_method',
+           'get_method', 'method_keywords', 'MethodSpec', 'method_spec', 'pad_value', 'predict_logits', 'predict_proba',
+           'accuracy', 'EMA', 'FitResult', 'Trainer', 'fit']
 
 # %% ../nbs/04_train.ipynb #7e10ae96
 PAD_FILLS = ("black", "mean")
@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True                  # bf16 autocast on CUDA (the L_DMI and CDR presets turn it off: the authors ran fp32)
     channels_last: bool = True        # on CUDA, for image inputs
-    compile: bool = False             # torch.compile the model
+    compile: bool = False             # torch.compile the model's forward and backward in place (static shapes; the optimizer step stays eager)
     progress: bool | None = None      # tqdm bar over epochs; None = only when interactive
 
     def __post_init__(self):
@@ -96,6 +96,8 @@ class Method:
     def after_step(self, tr: "Trainer") -> None: "Called after `optimizer.step()`."
     def start_epoch(self, tr: "Trainer", epoch: int) -> None: "Called at the start of every epoch."
     def end_epoch(self, tr: "Trainer", epoch: int) -> None: "Called at the end of every epoch, before evaluation."
+    def epoch_log(self, tr: "Trainer") -> dict: "Extra numbers for this epoch's history record (after `end_epoch`)."; return {}
+    stack_modules: tuple[str, ...] = ()   # attributes holding networks that `forward` calls on x (LIMIT's "q"); see noisyrepro.stack
     def state_dict(self) -> dict: "Everything a checkpoint must hold to resume the method."; return {}
     def load_state_dict(self, sd: dict) -> None: "Restore `state_dict()`."
     def hparams(self) -> dict: "The method's hyper-parameters, for results.csv."; return {}
@@ -202,14 +204,15 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.999):
         self.decay, self.model = decay, copy.deepcopy(model).eval()
         for p in self.model.parameters(): p.requires_grad_(False)
+        self._dst = [*self.model.parameters(), *self.model.buffers()]          # same order as the source's: a deep copy
+        self._float = [t.is_floating_point() for t in self._dst]
     @torch.no_grad()
     def update(self, model: nn.Module):
-        "θ' ← decay·θ' + (1 − decay)·θ for float state; other buffers copied."
-        ema_sd, sd = self.model.state_dict(), model.state_dict()
-        fl = [k for k, v in sd.items() if v.is_floating_point()]
-        torch._foreach_lerp_([ema_sd[k] for k in fl], [sd[k] for k in fl], 1 - self.decay)  # θ' + (1−α)(θ − θ')
-        for k, v in sd.items():
-            if not v.is_floating_point(): ema_sd[k].copy_(v)
+        "θ' ← decay·θ' + (1 − decay)·θ for float state (one foreach lerp); other buffers copied. No state_dict is built."
+        src = [*model.parameters(), *model.buffers()]                          # looked up each call: a stack may swap buffers for views
+        torch._foreach_lerp_([d for d, f in zip(self._dst, self._float) if f], [s for s, f in zip(src, self._float) if f], 1 - self.decay)  # θ' + (1−α)(θ − θ')
+        for d, s, f in zip(self._dst, src, self._float):
+            if not f: d.copy_(s)
 
 # %% ../nbs/04_train.ipynb #bd9cdc63
 @dataclass
@@ -228,9 +231,10 @@ class FitResult:
     diagnostics: dict | None = None  # cfg.record: per-epoch per-example 'loss' and 'p_label' (E×N float16), 'is_noisy'
     selection: str = ""              # the rule that picked best_epoch (e.g. 'max noisy-val acc (first of ties)')
     status: str = "ok"               # "ok", or "diverged" (NaN/inf loss or weights: stopped, never averaged into a table)
+    ckpt_seconds: float = 0.0        # wall time spent writing checkpoints (not in train_seconds)
     def row(self) -> dict:
         "The fields results.csv needs."
-        return {k: getattr(self, k) for k in ("best_epoch", "val_acc", "test_acc", "last_test_acc", "train_seconds", "selection", "status")}
+        return {k: getattr(self, k) for k in ("best_epoch", "val_acc", "test_acc", "last_test_acc", "train_seconds", "ckpt_seconds", "selection", "status")}
 
 # %% ../nbs/04_train.ipynb #d4fece68
 def _interactive() -> bool:
@@ -253,8 +257,9 @@ def _optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.decay_bias or cfg.weight_decay == 0: groups = [{"params": params, "weight_decay": cfg.weight_decay}]
     else: groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
                     {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if cfg.optimizer == "adam": return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    fused = {"fused": True} if params and all(p.is_cuda and p.is_floating_point() for p in params) else {}   # one kernel per step on a GPU
+    if cfg.optimizer == "adam": return torch.optim.Adam(groups, lr=cfg.lr, **fused)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fused)
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
     """The learning-rate schedule, stepped once per epoch."""
@@ -274,7 +279,7 @@ class Trainer:
         self.is_noisy = is_noisy.to(self.device) if is_noisy is not None else None
         self.model = model.to(self.device)
         if cfg.channels_last and self.device.type == "cuda": self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        if self.device.type == "cuda": torch.backends.cudnn.benchmark = True        # fixed shapes: cuDNN picks the fastest kernels once
         self.epoch, self.step, self.status = 0, 0, "ok"
         method.setup(self)
         self.optimizer = _optimizer([p for p in self.model.parameters() if p.requires_grad] + list(method.extra_parameters()), cfg)
@@ -284,6 +289,8 @@ class Trainer:
         self.order_gen = torch.Generator().manual_seed(cfg.seed)                    # batch order
         self.aug_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1)       # augmentation
         self.history, self.best, self.diag = [], {"val_acc": -1.0, "epoch": 0, "test_acc": float("nan"), "state": None}, {"loss": [], "p_label": []}
+        self.ckpt_seconds, self._saved_at = 0.0, time.monotonic()
+        if cfg.compile: self.model.compile(dynamic=False)                    # in place: the state_dict keys stay those of the model
 
     @property
     def eval_model(self) -> nn.Module:
@@ -297,24 +304,37 @@ class Trainer:
             x = random_crop_flip(x, self.cfg.pad, crop=self.cfg.augment == "crop_flip", generator=self.aug_gen, fill=self.pad_value)
         return x, self.train.y[idx]
 
+    def start_epoch(self) -> tuple[torch.Tensor, int]:
+        "Train mode, the method's epoch hook and this epoch's batch order: (order, number of examples the epoch uses)."
+        cfg, n = self.cfg, len(self.train)
+        self.model.train(); self.method.start_epoch(self, self.epoch)
+        perm = torch.randperm(n, generator=self.order_gen).to(self.device)
+        self._sums = torch.zeros(2, device=self.device)                             # loss sum, correct (no host sync per step)
+        return perm, (n - n % cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else n)
+
+    def finish_step(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        "After backward: the method's gradient hook, the optimizer step, the EMA, the method's step hook, the epoch's sums."
+        self.method.before_step(self); self.optimizer.step(); self.step += 1
+        if self.ema: self.ema.update(self.model)
+        self.method.after_step(self)
+        self._sums += torch.stack([loss.detach().float() * len(y), (logits.detach().argmax(1) == y).sum().float()])
+
+    def finish_epoch(self, stop: int) -> dict:
+        "The schedule step and the method's epoch hooks; the epoch's mean loss and accuracy against the given labels."
+        self.scheduler.step(); self.method.end_epoch(self, self.epoch)
+        loss_sum, correct = self._sums.tolist()
+        return {"train_loss": loss_sum / stop, "train_acc": correct / stop} | self.method.epoch_log(self)
+
     def train_epoch(self) -> dict:
         "One pass over the training set; returns mean loss and accuracy against the given labels."
-        cfg, n, model = self.cfg, len(self.train), self.model
-        model.train(); self.method.start_epoch(self, self.epoch)
-        perm = torch.randperm(n, generator=self.order_gen).to(self.device)
-        stop = n - n % cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else n
-        loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for i in range(0, stop, cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]; x, y = self.batch(idx)
-            with _autocast(self.device, cfg): logits = self.method.forward(self, x)
+        perm, stop = self.start_epoch()
+        for i in range(0, stop, self.cfg.batch_size):
+            idx = perm[i:i + self.cfg.batch_size]; x, y = self.batch(idx)
+            with _autocast(self.device, self.cfg): logits = self.method.forward(self, x)
             loss = self.method.loss(self, logits.float(), y, idx, x)
             self.optimizer.zero_grad(set_to_none=True); loss.backward()
-            self.method.before_step(self); self.optimizer.step(); self.step += 1
-            if self.ema: self.ema.update(model)
-            self.method.after_step(self)
-            loss_sum += loss.detach() * len(idx); correct += (logits.detach().argmax(1) == y).sum()
-        self.scheduler.step(); self.method.end_epoch(self, self.epoch)
-        return {"train_loss": loss_sum.item() / stop, "train_acc": correct.item() / stop}
+            self.finish_step(loss, logits, y)
+        return self.finish_epoch(stop)
 
     @torch.no_grad()
     def record_examples(self) -> dict:
@@ -367,46 +387,86 @@ def _result(tr: Trainer) -> FitResult:
     return FitResult(best_epoch=tr.best["epoch"], val_acc=tr.best["val_acc"], test_acc=tr.best["test_acc"], last_val_acc=h["val_acc"],
                      last_test_acc=h.get("test_acc", float("nan")), epochs_run=len(tr.history), train_seconds=sum(e["seconds"] for e in tr.history),
                      history=tr.history, best_state=tr.best["state"], best_method_state=tr.best.get("method_state"), diagnostics=diag,
-                     selection=tr.method.selection_rule(tr) + (f", patience {tr.cfg.patience}" if tr.cfg.patience else ""), status=tr.status)
+                     selection=tr.method.selection_rule(tr) + (f", patience {tr.cfg.patience}" if tr.cfg.patience else ""), status=tr.status,
+                     ckpt_seconds=tr.ckpt_seconds)
+
+def _resume(tr: Trainer, ckpt: Path | None) -> bool:
+    "Load `ckpt` into `tr` if it exists (refusing another run's); True when that run had finished."
+    if not (ckpt and ckpt.exists()): return False
+    ck = torch.load(ckpt, map_location=tr.device, weights_only=False)
+    if ck["cfg"] != dataclasses.asdict(tr.cfg) or ck["method"] != repr(tr.method):
+        raise ValueError(f"checkpoint {ckpt} belongs to another run ({ck['method']}, {ck['cfg']}); delete it or use another path")
+    _restore(tr, ck)
+    return ck["done"]
+
+EVAL_TEST = ("every", "best")
+
+def _test_needed(tr: Trainer, val_acc: float) -> bool:
+    "With eval_test='best': test only where it is reported: a better validation accuracy, the last epoch, or a stop for patience."
+    last = tr.epoch + 1 == tr.cfg.epochs
+    out_of_patience = tr.cfg.patience is not None and tr.epoch + 1 - tr.best["epoch"] >= tr.cfg.patience
+    return val_acc > tr.best["val_acc"] or last or out_of_patience
+
+def _evaluate(tr: Trainer, h: dict, eval_test: str = "every") -> bool:
+    "Add the epoch's validation and test accuracies (and diagnostics) to `h`; True, with nothing added, when the run diverged."
+    if _diverged(tr, h): return True
+    cfg = tr.cfg
+    h["val_acc"] = accuracy(tr.eval_model, tr.val, cfg)
+    if tr.test is not None and (eval_test == "every" or _test_needed(tr, h["val_acc"])):
+        h["test_acc"] = accuracy(tr.eval_model, tr.test, cfg)
+        if tr.ema: h["raw_test_acc"] = accuracy(tr.model, tr.test, cfg)
+    if cfg.record: h |= tr.record_examples()
+    return False
+
+def _close_epoch(tr: Trainer, h: dict, seconds: float, diverged: bool, ckpt: Path | None, ckpt_every: int = 1, ckpt_seconds: float | None = None) -> bool:
+    """Record the epoch, keep the best state, checkpoint (every `ckpt_every` epochs, or once `ckpt_seconds` have passed since the
+    last one, and when the run stops); True when the run stops here (diverged, out of patience, or last epoch)."""
+    h["seconds"] = seconds; tr.history.append(h); tr.epoch += 1
+    if diverged:                                                # NaN/inf: stop, and say so; the row is never a result
+        tr.status = "diverged"; h["val_acc"] = float("nan")
+        warnings.warn(f"{tr.method!r} diverged in epoch {tr.epoch} (train loss {h['train_loss']}); stopped, recorded with status 'diverged'")
+        if ckpt: _write_ckpt(tr, ckpt, done=True)
+        return True
+    if h["val_acc"] > tr.best["val_acc"]:
+        tr.best = {"val_acc": h["val_acc"], "epoch": tr.epoch, "test_acc": h.get("test_acc", float("nan")), "state": _state_cpu(tr.eval_model),
+                   "method_state": _to_cpu(tr.method.state_dict())}
+    stop = tr.cfg.patience is not None and tr.epoch - tr.best["epoch"] >= tr.cfg.patience
+    done = stop or tr.epoch == tr.cfg.epochs
+    due = tr.epoch % ckpt_every == 0 or (ckpt_seconds is not None and time.monotonic() - tr._saved_at >= ckpt_seconds)
+    if ckpt and (done or due): _write_ckpt(tr, ckpt, done=done)
+    return done
+
+def _write_ckpt(tr: Trainer, ckpt: Path, done: bool) -> None:
+    "Save the checkpoint, adding the time it took to the run's `ckpt_seconds`."
+    with Timer() as t: _save(ckpt, _checkpoint(tr, done=done))
+    tr.ckpt_seconds += t.seconds; tr._saved_at = time.monotonic()
+
+def _check_fit_options(ckpt_every: int, ckpt_seconds: float | None, eval_test: str) -> None:
+    "Refuse bad checkpoint and evaluation options, naming the valid ones."
+    if not (isinstance(ckpt_every, int) and ckpt_every >= 1): raise ValueError(f"ckpt_every={ckpt_every!r}; valid: an integer >= 1")
+    if ckpt_seconds is not None and not ckpt_seconds >= 0: raise ValueError(f"ckpt_seconds={ckpt_seconds!r}; valid: None or a number >= 0")
+    if eval_test not in EVAL_TEST: raise ValueError(f"eval_test={eval_test!r}; valid: {', '.join(map(repr, EVAL_TEST))}")
 
 def fit(model: nn.Module, train: LabeledData, val: LabeledData, test: LabeledData | None = None, method: Method | str | None = None,
-        cfg: TrainConfig | None = None, is_noisy: torch.Tensor | None = None, ckpt: str | Path | None = None) -> FitResult:
-    """Train `model` on `train` with `method`, select on `val` (noisy labels), report `test` (clean labels); resumable via `ckpt`."""
+        cfg: TrainConfig | None = None, is_noisy: torch.Tensor | None = None, ckpt: str | Path | None = None,
+        ckpt_every: int = 1, ckpt_seconds: float | None = None, eval_test: str = "every") -> FitResult:
+    """Train `model` on `train` with `method`, select on `val` (noisy labels), report `test` (clean labels); resumable via `ckpt`.
+
+    Per-epoch costs: `ckpt_every`/`ckpt_seconds` write the checkpoint less often (a kill then loses at most that much);
+    `eval_test="best"` evaluates the test set only where it is reported (a better validation accuracy, the last epoch, a stop)."""
+    _check_fit_options(ckpt_every, ckpt_seconds, eval_test)
     cfg = cfg or TrainConfig(); method = get_method(method) if isinstance(method, str) else (method or Method())
     tr = Trainer(model, train, val, test, method, cfg, is_noisy)
     ckpt = Path(ckpt) if ckpt else None
-    if ckpt and ckpt.exists():
-        ck = torch.load(ckpt, map_location=tr.device, weights_only=False)
-        if ck["cfg"] != dataclasses.asdict(cfg) or ck["method"] != repr(method):
-            raise ValueError(f"checkpoint {ckpt} belongs to another run ({ck['method']}, {ck['cfg']}); delete it or use another path")
-        _restore(tr, ck)
-        if ck["done"]: return _result(tr)
+    if _resume(tr, ckpt): return _result(tr)
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.epochs, initial=tr.epoch, disable=not (cfg.progress if cfg.progress is not None else _interactive()), desc=repr(method))
-    since_best = tr.epoch - tr.best["epoch"]
-    while tr.epoch < cfg.epochs:
+    done = tr.epoch >= cfg.epochs
+    while not done:
         with Timer() as t:
             h = {"epoch": tr.epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"]} | tr.train_epoch()
-            diverged = _diverged(tr, h)
-            if not diverged:
-                h["val_acc"] = accuracy(tr.eval_model, tr.val, cfg)
-                if tr.test is not None: h["test_acc"] = accuracy(tr.eval_model, tr.test, cfg)
-                if tr.ema and tr.test is not None: h["raw_test_acc"] = accuracy(tr.model, tr.test, cfg)
-                if cfg.record: h |= tr.record_examples()
-        h["seconds"] = t.seconds; tr.history.append(h); tr.epoch += 1
-        if diverged:                                            # NaN/inf: stop, and say so; the row is never a result
-            tr.status = "diverged"; h["val_acc"] = float("nan")
-            warnings.warn(f"{method!r} diverged in epoch {tr.epoch} (train loss {h['train_loss']}); stopped, recorded with status 'diverged'")
-            if ckpt: _save(ckpt, _checkpoint(tr, done=True))
-            break
-        if h["val_acc"] > tr.best["val_acc"]:
-            tr.best = {"val_acc": h["val_acc"], "epoch": tr.epoch, "test_acc": h.get("test_acc", float("nan")), "state": _state_cpu(tr.eval_model),
-                       "method_state": _to_cpu(tr.method.state_dict())}
-            since_best = 0
-        else: since_best += 1
-        stop = cfg.patience is not None and since_best >= cfg.patience
-        if ckpt: _save(ckpt, _checkpoint(tr, done=stop or tr.epoch == cfg.epochs))
+            diverged = _evaluate(tr, h, eval_test)
+        done = _close_epoch(tr, h, t.seconds, diverged, ckpt, ckpt_every, ckpt_seconds)
         bar.update(1); bar.set_postfix(val=f"{h['val_acc']:.3f}", test=f"{h.get('test_acc', float('nan')):.3f}")
-        if stop: break
     bar.close()
     return _result(tr)

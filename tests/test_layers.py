@@ -1,4 +1,4 @@
-"""The package is layered: dataset → noise → splits → trainer → methods → experiment → papers.
+"""The package is layered: dataset → noise → splits → trainer → stack, methods → experiment → papers.
 
 Every module of `noisyrepro/` imports only modules of its own layer or a lower one, and the four paper modules (peers in
 the top layer) never import one another. Imports are read with `ast` over the whole file, so an import inside a function
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "noisyrepro"
-LAYERS = [("core",), ("data",), ("noise",), ("splits",), ("models",), ("losses",), ("train",), ("baselines",), ("results",),
+LAYERS = [("core",), ("data",), ("noise",), ("splits",), ("models",), ("losses",), ("train",), ("stack", "baselines"), ("results",),
           ("experiment",), ("limit", "sln", "dmi", "cdr_aux")]        # lower first; the last layer: the paper modules, peers
 PAPERS = set(LAYERS[-1])
 LAYER = {m: i for i, names in enumerate(LAYERS) for m in names}

@@ -21,8 +21,9 @@ BAD = {
                      ["experiment='cifar': valid:", "case=4: valid:"]),
     "08_cdr_aux.ipynb": ({"noise_type": "uniformm", "lamb": -1.0, "cdr_rule": "both"},
                          ["noise_type='uniformm': valid:", "lamb=-1.0: valid:", "cdr_rule='both': valid:"]),
-    "10_benchmarks.ipynb": ({"dataset": "cifar10", "epochs": 0},
-                            ["dataset='cifar10': valid: one of 'mnist', 'mnist5k'", "epochs=0: valid: an integer with 1 <= x"]),
+    "10_benchmarks.ipynb": ({"dataset": "cifar10", "reps": 0, "stack_sizes": [0]},
+                            ["dataset='cifar10': valid: one of 'mnist', 'mnist5k'", "reps=0: valid: an integer with 1 <= x",
+                             "stack_sizes=[0]: valid: a non-empty list of integers >= 1"]),
 }
 
 
@@ -63,7 +64,7 @@ def test_help_notebook_lists_every_parameter(name):
 
 
 GOOD = {"05_limit.ipynb": {"noise": 0.8}, "06_sln.ipynb": {"seeds": 2}, "07_dmi.ipynb": {"case": [1, 2, 3]},
-        "08_cdr_aux.ipynb": {"seeds": 2}, "10_benchmarks.ipynb": {"epochs": 2}}
+        "08_cdr_aux.ipynb": {"seeds": 2}, "10_benchmarks.ipynb": {"reps": 2, "stack_sizes": [1, 8]}}
 
 
 @pytest.mark.parametrize("name", sorted(GOOD))
@@ -99,3 +100,5 @@ def test_outputs_are_named_by_the_parameters_that_differ(name, a, b, tmp_path):
     assert n0 == "quick", n0
     assert na != nb_ and nb_ != n0, (na, nb_, n0)                     # (05's default noise is 0.5: `-p noise 0.5` is the default folder)
     assert _out_name_via_papermill(name, b | {"device": "cpu"}, tmp_path) == nb_, "the device does not change results, nor the folder"
+    how = {"stack": 4, "ckpt_every": 5, "eval_test": "best"}                      # how runs train, not what they record
+    assert _out_name_via_papermill(name, b | how, tmp_path) == nb_, "stacking and checkpoint options do not change the folder"
