@@ -8,7 +8,7 @@ import copy
 from functools import partial
 import torch
 from .losses import ce_loss, coteaching_forget_rate, coteaching_select, estimate_transition, forward_loss
-from .losses import gce_loss, get_loss, logit_grad_noise
+from .losses import _check_transition, gce_loss, get_loss, logit_grad_noise
 from .train import Method, predict_proba, register_method
 
 # %% auto #0
@@ -73,7 +73,8 @@ class Forward(Method):
             if self.T is None: self.T = estimate_transition(predict_proba(ce, tr.train, tr.cfg), self.percentile)
             if self.init_from_ce: tr.model.load_state_dict(self.ce_state)
         self.T = torch.as_tensor(self.T, dtype=torch.float32, device=tr.device)
-    def loss(self, tr, logits, y, idx, x): return forward_loss(logits, y, self.T)
+        _check_transition(self.T, tr.train.num_classes)                     # once, not in every step (a host sync on a GPU)
+    def loss(self, tr, logits, y, idx, x): return forward_loss(logits, y, self.T, check=False)
     def state_dict(self): return {"T": self.T}
     def load_state_dict(self, sd): self.T = sd["T"]
     def hparams(self): return {"percentile": self.percentile} if self.ce_state is not None else {"T": "given"}

@@ -86,9 +86,10 @@ def _check_transition(T: Tensor, C: int, atol: float = 1e-3):
         raise ValueError(f"T is not row-stochastic (min entry {T.min().item():.3g}, row sums {rs.min().item():.4g}..{rs.max().item():.4g}); "
                          "valid: non-negative entries and rows summing to 1")
 
-def forward_loss(logits: Tensor, y: Tensor, T: Tensor, reduction: str = "mean") -> Tensor:
-    "Forward-corrected CE $-\\log(\\mathrm{clip}(s)\\,T)_{\\tilde y}$ (Patrini et al. 2017; LIMIT's clip)."
-    _check_inputs(logits, y); _check_transition(T, logits.shape[1])
+def forward_loss(logits: Tensor, y: Tensor, T: Tensor, reduction: str = "mean", check: bool = True) -> Tensor:
+    "Forward-corrected CE $-\\log(\\mathrm{clip}(s)\\,T)_{\\tilde y}$ (Patrini et al. 2017; LIMIT's clip); `check=False` skips validating T (done once)."
+    _check_inputs(logits, y)
+    if check: _check_transition(T, logits.shape[1])                 # reads T's values: a host sync on a GPU
     s = logits.softmax(1).clamp(1e-10, 1 - 1e-10)                  # clip(s(a), 1e-10, 1 − 1e-10)
     p_noisy = s @ T.to(s)                                          # p(ỹ|x) = sᵀT
     return _reduce(-p_noisy.gather(1, y[:, None]).squeeze(1).log(), reduction)  # −log (sᵀT)_ỹ

@@ -302,6 +302,7 @@ class Trainer:
         x = _prep(self.train.x[idx], self.cfg)
         if self.cfg.augment and x.ndim == 4:
             x = random_crop_flip(x, self.cfg.pad, crop=self.cfg.augment == "crop_flip", generator=self.aug_gen, fill=self.pad_value)
+            if self.cfg.channels_last and x.is_cuda: x = x.contiguous(memory_format=torch.channels_last)   # indexing returns NCHW
         return x, self.train.y[idx]
 
     def start_epoch(self) -> tuple[torch.Tensor, int]:
@@ -312,12 +313,12 @@ class Trainer:
         self._sums = torch.zeros(2, device=self.device)                             # loss sum, correct (no host sync per step)
         return perm, (n - n % cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else n)
 
-    def finish_step(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        "After backward: the method's gradient hook, the optimizer step, the EMA, the method's step hook, the epoch's sums."
+    def finish_step(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, account: bool = True) -> None:
+        "After backward: the method's gradient hook, the optimizer step, the EMA, the method's step hook, the epoch's sums (unless a stack keeps them)."
         self.method.before_step(self); self.optimizer.step(); self.step += 1
         if self.ema: self.ema.update(self.model)
         self.method.after_step(self)
-        self._sums += torch.stack([loss.detach().float() * len(y), (logits.detach().argmax(1) == y).sum().float()])
+        if account: self._sums += torch.stack([loss.detach().float() * len(y), (logits.detach().argmax(1) == y).sum().float()])
 
     def finish_epoch(self, stop: int) -> dict:
         "The schedule step and the method's epoch hooks; the epoch's mean loss and accuracy against the given labels."

@@ -133,3 +133,13 @@ def test_stacked_sweep_with_two_workers_matches_unstacked(tmp_path):
     assert b.trained == 4 and sorted(r["run_key"] for r in read_rows(tmp_path / "b" / "results.csv")) == sorted(a.rows.run_key)
     cols = ["val_acc", "test_acc", "last_test_acc", "best_epoch"]
     assert b.rows.set_index("run_key").loc[a.rows.run_key, cols].values.tolist() == a.rows[cols].values.tolist()
+
+
+def test_ema_models_are_evaluated_stacked_in_vmap_mode(data):
+    "SLN-MO evaluates each member's EMA of the weights; in vmap mode they are stacked read-only for val and test (and raw_test_acc)."
+    import noisyrepro.sln  # noqa: F401  (registers SLN-MO)
+    cfgs = _cfgs(ema=0.9, epochs=1)
+    alone, stacked = _both(data, "lenet", "SLN-MO", cfgs, "vmap", hp=lambda k: {"sigma": 0.5})
+    for a, s in zip(alone, stacked):
+        for k in ("train_loss", "val_acc", "test_acc", "raw_test_acc"):
+            assert abs(a.history[0][k] - s.history[0][k]) <= 1e-4, (k, a.history[0][k], s.history[0][k])
