@@ -260,6 +260,7 @@ class LIMIT(Method):
         if tr.cfg.optimizer != "adam": warnings.warn(f"{self.name} feeds per-example gradients (B× mean CE, as the code); with optimizer={tr.cfg.optimizer!r} divide lr by the batch size")
         self.gen = torch.Generator(tr.device).manual_seed(tr.cfg.seed + 4)
 
+    stack_modules = ("q",)                                                          # a stack runs the members' q networks batched
     def extra_parameters(self): return list(self.q.parameters())
     def start_epoch(self, tr, epoch): self.q.train()
     def forward(self, tr, x): self.q_logits = self.q(x); return tr.model(x)          # q sees only x
@@ -303,6 +304,7 @@ class SoftReg(Method):
     def __init__(self, lamb: float = 0.01, beta: float = 0.0):
         if not (lamb >= 0 and beta >= 0): raise ValueError(f"lamb={lamb!r}, beta={beta!r}; valid: lamb >= 0 and beta >= 0 (grids 0.001-0.1 and 0-10)")
         self.lamb, self.beta = float(lamb), float(beta)
+    stack_modules = ("q",)
     def setup(self, tr): self.cfg = tr.cfg; self.q = q_network(tr.model, seed=tr.cfg.seed + 3).to(tr.device)
     def extra_parameters(self): return list(self.q.parameters())
     def start_epoch(self, tr, epoch): self.q.train()

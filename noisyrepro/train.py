@@ -377,7 +377,8 @@ def _restore(tr: Trainer, ck: dict):
 def _diverged(tr: Trainer, h: dict) -> bool:
     "True when the epoch's mean training loss, or any weight of the model, is NaN or infinite (one host sync per epoch)."
     if not math.isfinite(h["train_loss"]): return True
-    return not bool(torch.stack([p.detach().isfinite().all() for p in tr.model.parameters()]).all())
+    norms = torch._foreach_norm([p.detach() for p in tr.model.parameters()])   # a NaN or inf weight makes its tensor's norm non-finite
+    return not bool(torch.stack(norms).isfinite().all())                       # a few kernels, not two per tensor
 
 def _result(tr: Trainer) -> FitResult:
     """The `FitResult` of a trainer's history."""
