@@ -43,7 +43,7 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
     finished run returns it again instead of None (figures built from training curves resume like tables). `key` overrides the run
     key (the experiment layer keys a run by its protocol configuration, before its data are loaded)."""
     cfg, hparams = cfg or TrainConfig(), dict(hparams or {})
-    plain_hp = {k: v for k, v in hparams.items() if not isinstance(v, (dict, torch.Tensor))}      # states are not hyper-parameters
+    plain_hp = _plain_hparams(hparams)
     full = {**meta, "method": method, "hparams": plain_hp, "cfg": dataclasses.asdict(cfg), "n_train": len(splits.train),
             "noise_seed": splits.train_noise.seed, "labels_sha256": splits.train_noise.sha256}
     key, out_dir = key or config_key(full), Path(out_dir)
@@ -52,6 +52,10 @@ def run_experiment(out_dir: str | Path, meta: dict, model_fn, splits, method: st
     res = fit(model_fn(), splits.train, splits.val, splits.test, get_method(method, **hparams), cfg,
               is_noisy=splits.train_noise.is_noisy, ckpt=run / "ckpt.pt", **fit_kw)
     return _finish(out_dir, key, meta, method, plain_hp, cfg, splits, res, keep_state, keep_result), res
+
+def _plain_hparams(hparams: dict) -> dict:
+    "The hyper-parameters results.csv records: states handed to a method (a base run's weights) are not hyper-parameters."
+    return {k: v for k, v in hparams.items() if not isinstance(v, (dict, torch.Tensor))}
 
 def _skip(out_dir: Path, key: str, method: str, plain_hp: dict, cfg, keep_result: bool) -> tuple | None:
     "(row, FitResult or None) of a recorded run; None when the run must be trained (its folder then exists)."
@@ -323,7 +327,7 @@ def execute_stack(runs: list[Run], out_dir: str | Path, device: str = "auto", ke
     out_dir, out, todo = Path(out_dir), {}, []
     for run in runs:
         meta, model_fn, sp, hp, cfg = _setup(run, out_dir, device)
-        plain_hp = {k: v for k, v in hp.items() if not isinstance(v, (dict, torch.Tensor))}
+        plain_hp = _plain_hparams(hp)
         if (found := _skip(out_dir, run.key, run.method, plain_hp, cfg, run.key in keep_result)) is not None: out[run.key] = found
         else: todo.append((run, meta, model_fn, sp, hp, plain_hp, cfg))
     if not todo: return out

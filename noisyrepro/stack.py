@@ -137,16 +137,16 @@ class Stack:
         self.trs, self.rng, self.device = trainers, rng, trainers[0].device
         self.mode = stack_mode(mode, self.device)
         _check_stack(trainers, self.mode)
+        self.fast = False                                                        # the batched CE step (vmap mode, below)
         if self.mode == "vmap":
             self.model = StackedNets([tr.model for tr in trainers])
             self.extra = {a: StackedNets([getattr(tr.method, a) for tr in trainers]) for a in trainers[0].method.stack_modules}
             self.evaluated = StackedNets([tr.eval_model for tr in trainers], share_buffers=False) if trainers[0].ema else self.model
-            cfg, methods = trainers[0].cfg, [type(tr.method) for tr in trainers]
-            # one gather and one normalisation for all members (no augmentation: its draws are each member's own)
-            self.fast_data = cfg.augment is None and all(torch.is_tensor(tr.train.x) for tr in trainers)
-            if self.fast_data: self.X, self.Y = torch.stack([tr.train.x for tr in trainers]), torch.stack([tr.train.y for tr in trainers])
-            # one cross-entropy for all members when every method's forward and loss are the base Method's (CE, SGD, CDR, ...)
-            self.fast_loss = all(m.loss is Method.loss and m.forward is Method.forward for m in methods)
+            # one gather, one normalisation and one cross-entropy for all members when every method's forward and loss are the base
+            # Method's (CE, SGD, CDR, ...) and there is no augmentation (its draws are each member's own)
+            self.fast = (trainers[0].cfg.augment is None and all(torch.is_tensor(tr.train.x) for tr in trainers)
+                         and all(type(tr.method).loss is Method.loss and type(tr.method).forward is Method.forward for tr in trainers))
+            if self.fast: self.X, self.Y = torch.stack([tr.train.x for tr in trainers]), torch.stack([tr.train.y for tr in trainers])
 
     def evaluate(self, ks: list[int], hs: list[dict], eval_test: str = "every") -> list[bool]:
         "`_evaluate` for members `ks` (their epoch records `hs`); in vmap mode val and test are evaluated for all members at once."
@@ -192,11 +192,10 @@ class Stack:
         for k in ks:
             with _own_rng(self.rng, k, self.device): starts.append(self.trs[k].start_epoch())
         stop, bs = starts[0][1], self.trs[ks[0]].cfg.batch_size
-        fast = self.mode == "vmap" and self.fast_loss and self.fast_data
         sums = torch.zeros(len(ks), 2, device=self.device)                        # loss sum, correct: per member, kept here
         for i in range(0, stop, bs):
             idxs = [perm[i:i + bs] for perm, _ in starts]
-            if fast: (L, logits, ys), constant = self._fast_losses(ks, torch.stack(idxs)), []
+            if self.fast: (L, logits, ys), constant = self._fast_losses(ks, torch.stack(idxs)), []
             else:
                 xs, ys = zip(*(self.trs[k].batch(idx) for k, idx in zip(ks, idxs)))
                 logits, Ls = self._losses(ks, list(xs), list(ys), idxs)

@@ -403,11 +403,13 @@ def _resume(tr: Trainer, ckpt: Path | None) -> bool:
 
 EVAL_TEST = ("every", "best")
 
+def _stops_after(tr: Trainer, epoch: int) -> bool:
+    "True when the run ends after `epoch` (1-based) given its best epoch so far: out of patience, or the last epoch."
+    return (tr.cfg.patience is not None and epoch - tr.best["epoch"] >= tr.cfg.patience) or epoch == tr.cfg.epochs
+
 def _test_needed(tr: Trainer, val_acc: float) -> bool:
     "With eval_test='best': test only where it is reported: a better validation accuracy, the last epoch, or a stop for patience."
-    last = tr.epoch + 1 == tr.cfg.epochs
-    out_of_patience = tr.cfg.patience is not None and tr.epoch + 1 - tr.best["epoch"] >= tr.cfg.patience
-    return val_acc > tr.best["val_acc"] or last or out_of_patience
+    return val_acc > tr.best["val_acc"] or _stops_after(tr, tr.epoch + 1)
 
 def _evaluate(tr: Trainer, h: dict, eval_test: str = "every") -> bool:
     "Add the epoch's validation and test accuracies (and diagnostics) to `h`; True, with nothing added, when the run diverged."
@@ -432,8 +434,7 @@ def _close_epoch(tr: Trainer, h: dict, seconds: float, diverged: bool, ckpt: Pat
     if h["val_acc"] > tr.best["val_acc"]:
         tr.best = {"val_acc": h["val_acc"], "epoch": tr.epoch, "test_acc": h.get("test_acc", float("nan")), "state": _state_cpu(tr.eval_model),
                    "method_state": _to_cpu(tr.method.state_dict())}
-    stop = tr.cfg.patience is not None and tr.epoch - tr.best["epoch"] >= tr.cfg.patience
-    done = stop or tr.epoch == tr.cfg.epochs
+    done = _stops_after(tr, tr.epoch)
     due = tr.epoch % ckpt_every == 0 or (ckpt_seconds is not None and time.monotonic() - tr._saved_at >= ckpt_seconds)
     if ckpt and (done or due): _write_ckpt(tr, ckpt, done=done)
     return done
