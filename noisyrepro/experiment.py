@@ -312,9 +312,13 @@ def stack_signature_of(run: Run) -> str:
                        "method": run.method, "train": {k: v for k, v in run.train.items() if k not in STACK_FREE}, "splits": run.splits,
                        "splits_fn": run.splits_fn, "model_kw": run.model_kw, "model_fn": run.model_fn})
 
+def _check_stack_size(stack) -> None:
+    "Refuse a stack size that is not a positive integer."
+    if not (isinstance(stack, int) and not isinstance(stack, bool) and stack >= 1): raise ValueError(f"stack={stack!r}; valid: an integer >= 1")
+
 def stack_units(runs: list[Run], stack: int = 1) -> list[list[Run]]:
     "The runs in stacks of at most `stack` runs of one signature, ordered by their first run's place in `runs`."
-    if not (isinstance(stack, int) and stack >= 1): raise ValueError(f"stack={stack!r}; valid: an integer >= 1")
+    _check_stack_size(stack)
     groups: dict[str, list[Run]] = {}
     for r in runs: groups.setdefault(stack_signature_of(r), []).append(r)
     units = [g[i:i + stack] for g in groups.values() for i in range(0, len(g), stack)]
@@ -442,7 +446,7 @@ def sweep(protocol: Protocol, out_dir: str | Path, workers: int = 1, backend: st
     """Train every run of `protocol` not recorded in `out_dir` (resuming interrupted ones; `stack` runs per step) and return its rows.
     `fit_kw` passes `fit`'s cost options (`ckpt_every`, `ckpt_seconds`, `eval_test`), which never change a run's key."""
     if backend not in ("local", "ray"): raise ValueError(f"unknown backend {backend!r}; valid: 'local', 'ray'")
-    if not (isinstance(stack, int) and stack >= 1): raise ValueError(f"stack={stack!r}; valid: an integer >= 1")
+    _check_stack_size(stack)
     stack_mode_ = _stack_mode(stack_mode, get_device(device))                 # checks the name before anything runs
     bad = sorted(set(fit_kw or {}) - {"ckpt_every", "ckpt_seconds", "eval_test"})
     if bad: raise ValueError(f"fit_kw has unknown option(s) {', '.join(bad)}; valid: ckpt_every, ckpt_seconds, eval_test")
@@ -635,6 +639,27 @@ class ScoreEntry:
     protocol: Protocol | None = None  # unscaled (with its presets): runs of every scale are found
     cannot: str | None = None       # why it cannot run here
 
+def _paper_gaps(p: Protocol, sel: pd.DataFrame, cmp: pd.DataFrame, z: float) -> tuple[int, int]:
+    "(found, total): the paper's gaps against the baseline (>= 1 point) that our paired ranking finds with the same sign and above noise."
+    if not p.baseline: return 0, 0
+    rk, hits, total = ranking(sel, p.baseline, z), 0, 0
+    pm = {(m, s): v for m, s, v in zip(cmp.method, [_setting_label(*x) for x in zip(cmp.noise_type, cmp.noise, cmp.n_train)], cmp.paper_mean)}
+    tag = "best-val" if p.headline == "test_acc" else "last"
+    for _, r in rk.iterrows():
+        m = r["method"].split(" − ")[0]; pg = pm.get((m, r.setting), float("nan")) - pm.get((p.baseline, r.setting), float("nan"))
+        if pd.isna(pg) or abs(pg) < 1: continue
+        total += 1
+        hits += (float(r[f"{tag} gap"].split(" ± ")[0]) * pg > 0) and r[f"{tag} verdict"] == "above noise"
+    return hits, total
+
+def _paper_cells(p: Protocol) -> int:
+    "How many test-accuracy cells the paper's table gives for the protocol's dataset and methods."
+    if p.paper_table is None: return 0
+    pn = paper_numbers(p.paper, p.paper_table)
+    pn = pn[pn.metric == "test_acc"] if "metric" in pn else pn
+    names = {p.paper_names.get(m, m) for m in p.methods}
+    return int((pn.dataset.isin({p.experiment or p.dataset}) & pn.method.isin(names)).sum())
+
 def _status(entry: ScoreEntry, rows: pd.DataFrame, z: float = 2.0) -> tuple[str, str]:
     "(status, 'ours / paper' summary) of one entry from its recorded rows."
     p = entry.protocol
@@ -648,27 +673,21 @@ def _status(entry: ScoreEntry, rows: pd.DataFrame, z: float = 2.0) -> tuple[str,
     cells = "; ".join(f"{m} {_setting_label(nt, r, n)}: {_fmt_ms(a)} / {_fmt_ms(b)}"
                       for m, nt, r, n, a, b in zip(cmp.method, cmp.noise_type, cmp.noise, cmp.n_train, cmp["mean"], cmp.paper_mean))
     seeds = int(cmp.n.max()) if len(cmp) else 0
+    hits, total = _paper_gaps(p, sel, cmp, z) if seeds >= 2 else (0, 0)        # one seed: no noise estimate, no ranking
+    gaps = f"{hits} of {total} paper gaps vs {p.baseline} found above noise"
     if scale == "paper":
         have = cmp.dropna(subset=["paper_mean"])
+        if not len(have): return f"paper scale ({seeds} seed(s)): ours shown; the paper has no number at these settings to compare", cells
         tol = [2 * max(x for x in (ps, os_) if not pd.isna(x)) if not (pd.isna(ps) and pd.isna(os_)) else 1.0
                for ps, os_ in zip(have.paper_std, have["std"])]
         k = sum(abs(a - b) <= t for a, b, t in zip(have["mean"], have.paper_mean, tol))
-        st = (f"reproduced within the paper's ± ({k} of {len(have)} cells)" if len(have) and k == len(have)
-              else f"paper scale: {k} of {len(have)} cells within the paper's ±")
-        return st + f"; {seeds} seed(s)", cells
+        n_paper = _paper_cells(p)                        # the paper's cells for this protocol's methods: a partial run says so
+        st = (f"reproduced within the paper's ± ({k} of {len(have)} cells)" if k == len(have) and len(have) >= n_paper
+              else f"paper scale: {k} of {len(have)} cells run within the paper's ±" + (f" (the paper has {n_paper})" if n_paper > len(have) else ""))
+        return st + (f"; {gaps}" if total else "") + f"; {seeds} seed(s)", cells
     if not p.baseline: return f"quick scale ({seeds} seed(s)): ours / paper shown, not comparable cell by cell", cells
-    rk, hits, total = ranking(sel, p.baseline, z), 0, 0
-    pm = {(m, s): v for m, s, v in zip(cmp.method, [_setting_label(*x) for x in zip(cmp.noise_type, cmp.noise, cmp.n_train)], cmp.paper_mean)}
-    for _, r in rk.iterrows():
-        m = r["method"].split(" − ")[0]; pg = pm.get((m, r.setting), float("nan")) - pm.get((p.baseline, r.setting), float("nan"))
-        if pd.isna(pg) or abs(pg) < 1: continue
-        total += 1
-        tag = "best-val" if p.headline == "test_acc" else "last"
-        g = float(r[f"{tag} gap"].split(" ± ")[0])
-        hits += (g * pg > 0) and r[f"{tag} verdict"] == "above noise"
     if not total: return f"quick scale ({seeds} seed(s)): ours shown; the paper has no number at these settings to compare", cells
-    what = "effect shown" if hits else "effect not shown"
-    return f"quick scale: {what} ({hits} of {total} paper gaps vs {p.baseline} found above noise, {seeds} seed(s))", cells
+    return f"quick scale: {'effect shown' if hits else 'effect not shown'} ({gaps}, {seeds} seed(s))", cells
 
 # %% ../nbs/04c_experiment.ipynb #a4ecd983
 def _scaled(p: Protocol) -> list[Protocol]:
