@@ -673,7 +673,7 @@ def _status(entry: ScoreEntry, rows: pd.DataFrame, z: float = 2.0) -> tuple[str,
     cells = "; ".join(f"{m} {_setting_label(nt, r, n)}: {_fmt_ms(a)} / {_fmt_ms(b)}"
                       for m, nt, r, n, a, b in zip(cmp.method, cmp.noise_type, cmp.noise, cmp.n_train, cmp["mean"], cmp.paper_mean))
     seeds = int(cmp.n.max()) if len(cmp) else 0
-    hits, total = _paper_gaps(p, sel, cmp, z) if seeds >= 2 else (0, 0)        # one seed: no noise estimate, no ranking
+    hits, total = _paper_gaps(p, sel, cmp, z)
     gaps = f"{hits} of {total} paper gaps vs {p.baseline} found above noise"
     if scale == "paper":
         have = cmp.dropna(subset=["paper_mean"])
@@ -684,7 +684,7 @@ def _status(entry: ScoreEntry, rows: pd.DataFrame, z: float = 2.0) -> tuple[str,
         n_paper = _paper_cells(p)                        # the paper's cells for this protocol's methods: a partial run says so
         st = (f"reproduced within the paper's ± ({k} of {len(have)} cells)" if k == len(have) and len(have) >= n_paper
               else f"paper scale: {k} of {len(have)} cells run within the paper's ±" + (f" (the paper has {n_paper})" if n_paper > len(have) else ""))
-        return st + (f"; {gaps}" if total else "") + f"; {seeds} seed(s)", cells
+        return st + (f"; {gaps}" if total and seeds >= 2 else "") + f"; {seeds} seed(s)", cells   # one seed: no noise estimate, no gaps claimed
     if not p.baseline: return f"quick scale ({seeds} seed(s)): ours / paper shown, not comparable cell by cell", cells
     if not total: return f"quick scale ({seeds} seed(s)): ours shown; the paper has no number at these settings to compare", cells
     return f"quick scale: {'effect shown' if hits else 'effect not shown'} ({gaps}, {seeds} seed(s))", cells
